@@ -1,0 +1,5 @@
+"""cloud_hub package."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

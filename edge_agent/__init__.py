@@ -1,0 +1,5 @@
+"""edge_agent package."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

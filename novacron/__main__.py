@@ -1,0 +1,5 @@
+"""Allow ``python -m novacron``."""
+
+from novacron.cli import run
+
+run()

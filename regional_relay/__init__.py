@@ -1,0 +1,5 @@
+"""regional_relay package."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
