@@ -1,0 +1,305 @@
+"""Ed25519 keys: generation, storage, signing and a ring of trusted public keys.
+
+Every device makes a key at install; the hub and relays have their own. Private
+keys are stored as PKCS#8 PEM (or the 32 raw seed bytes) in a file of mode 0600,
+written atomically so a crash never leaves a half-written key behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final, Literal, Self
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from sync._exceptions import ConfigError, SignatureError
+
+__all__ = [
+    "KEY_ID_LEN",
+    "KeyRing",
+    "Signer",
+    "generate_private_key",
+    "key_id",
+    "load_private_key",
+    "save_private_key",
+]
+
+logger = logging.getLogger(__name__)
+
+KEY_ID_LEN: Final = 16
+"""Length of a derived key id: hex characters of the public key's SHA-256."""
+
+_MAX_KEY_ID_LEN: Final = 64
+_RAW_KEY_LEN: Final = 32
+_SIG_LEN: Final = 64
+
+
+def generate_private_key() -> Ed25519PrivateKey:
+    """Make a fresh Ed25519 private key from the OS random source."""
+    return Ed25519PrivateKey.generate()
+
+
+def key_id(public_key_bytes: bytes) -> str:
+    """Derive the short, stable id of a public key.
+
+    Args:
+        public_key_bytes: the 32 raw bytes of an Ed25519 public key.
+
+    Returns:
+        The first :data:`KEY_ID_LEN` hex characters of its SHA-256.
+
+    Raises:
+        SignatureError: ``public_key_bytes`` is not 32 bytes.
+    """
+    if not isinstance(public_key_bytes, bytes) or len(public_key_bytes) != _RAW_KEY_LEN:
+        raise SignatureError("an Ed25519 public key is 32 raw bytes")
+    return hashlib.sha256(public_key_bytes).hexdigest()[:KEY_ID_LEN]
+
+
+# Parameters named ``key_id`` shadow the function inside the classes below.
+_derive_key_id = key_id
+
+
+def _public_bytes(private_key: Ed25519PrivateKey) -> bytes:
+    return private_key.public_key().public_bytes_raw()
+
+
+def save_private_key(
+    private_key: Ed25519PrivateKey,
+    path: str | os.PathLike[str],
+    *,
+    fmt: Literal["pem", "raw"] = "pem",
+) -> None:
+    """Write ``private_key`` to ``path`` atomically, readable by the owner only.
+
+    The key is written to a temporary file created with mode 0600 in the same
+    directory, flushed and fsynced, then renamed over ``path``; the directory is
+    fsynced too. An existing file at ``path`` is replaced.
+
+    Args:
+        private_key: the key to store.
+        path: destination file.
+        fmt: ``"pem"`` (unencrypted PKCS#8) or ``"raw"`` (the 32-byte seed).
+
+    Raises:
+        ConfigError: the file cannot be written.
+    """
+    if fmt == "pem":
+        data = private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    else:
+        data = private_key.private_bytes_raw()
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise ConfigError(f"cannot write private key: {exc}", source=str(target)) from exc
+
+
+def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """Read a private key written by :func:`save_private_key`.
+
+    PEM (PKCS#8 or OpenSSH-compatible PEM that ``cryptography`` loads) and the
+    32 raw seed bytes are both accepted. A file readable by group or others is
+    loaded, with a warning.
+
+    Args:
+        path: the key file.
+
+    Returns:
+        The private key.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or not an Ed25519 key.
+    """
+    source = str(path)
+    try:
+        mode = Path(path).stat().st_mode
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read private key: {exc}", source=source) from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning("private key file %s is accessible by group/others", source)
+    if len(data) == _RAW_KEY_LEN:
+        return Ed25519PrivateKey.from_private_bytes(data)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError("not a PEM or raw Ed25519 private key", source=source) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"expected an Ed25519 key, found {type(key).__name__}", source=source)
+    return key
+
+
+def _check_kid(kid: object) -> str:
+    if not isinstance(kid, str) or not 1 <= len(kid) <= _MAX_KEY_ID_LEN:
+        raise SignatureError(f"a key id is a str of 1..{_MAX_KEY_ID_LEN} characters")
+    return kid
+
+
+class Signer:
+    """Signs with one Ed25519 private key and names it by a key id.
+
+    Attributes:
+        key_id: the id carried in envelopes (``kid``); by default
+            :func:`key_id` of the public key.
+        public_key_bytes: the 32 raw bytes of the public key.
+    """
+
+    __slots__ = ("_private_key", "key_id", "public_key_bytes")
+
+    def __init__(self, private_key: Ed25519PrivateKey, key_id: str | None = None) -> None:
+        """Wrap ``private_key``.
+
+        Args:
+            private_key: the signing key.
+            key_id: explicit id (1..64 characters); derived from the public key
+                when omitted.
+
+        Raises:
+            SignatureError: ``key_id`` is not a valid id.
+        """
+        self._private_key = private_key
+        self.public_key_bytes: bytes = _public_bytes(private_key)
+        self.key_id: str = (
+            _derive_key_id(self.public_key_bytes) if key_id is None else _check_kid(key_id)
+        )
+
+    @classmethod
+    def generate(cls, key_id: str | None = None) -> Self:
+        """Make a signer around a fresh key (tests, simulator, first install)."""
+        return cls(generate_private_key(), key_id)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], key_id: str | None = None) -> Self:
+        """Load the key at ``path`` (see :func:`load_private_key`) and wrap it."""
+        return cls(load_private_key(path), key_id)
+
+    @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The wrapped private key (for :func:`save_private_key`)."""
+        return self._private_key
+
+    def sign(self, data: bytes) -> bytes:
+        """Return the 64-byte Ed25519 signature of ``data``."""
+        return self._private_key.sign(data)
+
+    def __repr__(self) -> str:
+        return f"Signer(key_id={self.key_id!r})"
+
+
+class KeyRing:
+    """Trusted public keys by key id, and verification against them.
+
+    Iterating yields key ids; ``kid in ring`` and ``len(ring)`` work as for a
+    mapping.
+    """
+
+    __slots__ = ("_keys", "_raw")
+
+    def __init__(self) -> None:
+        """Create an empty ring."""
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._raw: dict[str, bytes] = {}
+
+    def add(self, public_key_bytes: bytes, key_id: str | None = None) -> str:
+        """Trust ``public_key_bytes`` under ``key_id``.
+
+        Adding the same key under the same id again is a no-op.
+
+        Args:
+            public_key_bytes: 32 raw Ed25519 public key bytes.
+            key_id: explicit id; derived with :func:`key_id` when omitted.
+
+        Returns:
+            The id the key is stored under.
+
+        Raises:
+            SignatureError: the key is not a valid Ed25519 public key, the id is
+                invalid, or the id is already bound to a different key.
+        """
+        kid = _derive_key_id(public_key_bytes) if key_id is None else _check_kid(key_id)
+        existing = self._raw.get(kid)
+        if existing is not None:
+            if existing != public_key_bytes:
+                raise SignatureError(f"key id {kid!r} is already bound to another key")
+            return kid
+        try:
+            key = Ed25519PublicKey.from_public_bytes(public_key_bytes)
+        except (ValueError, TypeError) as exc:
+            raise SignatureError("invalid Ed25519 public key") from exc
+        self._keys[kid] = key
+        self._raw[kid] = bytes(public_key_bytes)
+        return kid
+
+    def remove(self, kid: str) -> None:
+        """Stop trusting ``kid``; unknown ids are ignored."""
+        self._keys.pop(kid, None)
+        self._raw.pop(kid, None)
+
+    def get(self, kid: str) -> bytes | None:
+        """Return the raw public key stored under ``kid``, or None."""
+        return self._raw.get(kid)
+
+    def verify(self, kid: str, data: bytes, sig: bytes) -> None:
+        """Check that ``sig`` is ``kid``'s signature of ``data``.
+
+        Args:
+            kid: key id claimed by the sender.
+            data: the exact signed bytes.
+            sig: the 64-byte signature.
+
+        Raises:
+            SignatureError: ``kid`` is unknown or the signature is invalid.
+        """
+        key = self._keys.get(kid)
+        if key is None:
+            raise SignatureError(f"unknown key id {kid!r}")
+        if len(sig) != _SIG_LEN:
+            raise SignatureError(f"signature must be {_SIG_LEN} bytes, got {len(sig)}")
+        try:
+            key.verify(sig, data)
+        except InvalidSignature as exc:
+            raise SignatureError(f"invalid signature for key id {kid!r}") from exc
+
+    def __contains__(self, kid: object) -> bool:
+        return kid in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._keys))
+
+    def __repr__(self) -> str:
+        return f"KeyRing({sorted(self._keys)!r})"
