@@ -16,6 +16,15 @@ from sync._exceptions import (
     UnsupportedVersionError,
     WireError,
 )
+from sync.crdt import (
+    LwwEntry,
+    LwwMap,
+    ORSet,
+    PNCounter,
+    causally_stable,
+    validate_entries,
+)
+from sync.dots import Dot, VersionVector
 from sync.envelope import (
     DEFAULT_LIMITS,
     WIRE_VERSION,
@@ -28,6 +37,7 @@ from sync.envelope import (
     unpackb_strict,
     verify_envelope,
 )
+from sync.hlc import Clock, HybridLogicalClock, SystemClock, pack_ts, unpack_ts
 from sync.keys import (
     KEY_ID_LEN,
     KeyRing,
@@ -36,6 +46,18 @@ from sync.keys import (
     key_id,
     load_private_key,
     save_private_key,
+)
+from sync.protocol import (
+    ACK,
+    DELTAS,
+    EVENTS,
+    HELLO,
+    SNAPSHOT,
+    EventStream,
+    InboundStream,
+    Replica,
+    SessionStats,
+    SyncSession,
 )
 from sync.topics import (
     MAX_ID_LEN,
@@ -53,28 +75,48 @@ from sync.topics import (
 )
 
 __all__ = [
+    "ACK",
+    "Clock",
     "ClockSkewError",
     "ConfigError",
     "CrdtError",
     "DEFAULT_LIMITS",
+    "DELTAS",
     "DecodeError",
     "DecodeLimits",
+    "Dot",
+    "EVENTS",
     "Envelope",
+    "EventStream",
+    "HELLO",
+    "HybridLogicalClock",
+    "InboundStream",
     "KEY_ID_LEN",
     "KeyRing",
+    "LwwEntry",
+    "LwwMap",
     "MAX_ID_LEN",
     "NovaCronError",
+    "ORSet",
     "OversizeError",
+    "PNCounter",
     "ParsedTopic",
     "ProtocolError",
+    "Replica",
+    "SNAPSHOT",
+    "SessionStats",
     "SignatureError",
     "Signer",
     "SyncError",
+    "SyncSession",
+    "SystemClock",
     "TOPIC_PREFIX",
     "TopicError",
     "UnsupportedVersionError",
+    "VersionVector",
     "WIRE_VERSION",
     "WireError",
+    "causally_stable",
     "decode_envelope",
     "decode_envelope_unverified",
     "device_topic",
@@ -85,13 +127,16 @@ __all__ = [
     "hub_uplink_filter",
     "key_id",
     "load_private_key",
+    "pack_ts",
     "packb",
     "parse_topic",
     "region_downlink_filter",
     "region_state_filter",
     "region_uplink_filter",
     "save_private_key",
+    "unpack_ts",
     "unpackb_strict",
+    "validate_entries",
     "validate_id",
     "verify_envelope",
 ]

@@ -1,0 +1,785 @@
+"""The sync protocol: a pure state machine, bytes in and bytes out.
+
+One :class:`SyncSession` talks to one peer on behalf of a :class:`Replica` (the
+CRDT scopes and event streams of one node). It does no I/O and reads time only
+from the injected clock, so the same code runs over MQTT, over the simulator's
+virtual network and in unit tests; the caller moves the bytes::
+
+    session = SyncSession(replica, "relay-1", signer, keyring, clock)
+    send(session.start())                 # HELLO
+    send(session.receive(data))           # for every message from the peer
+    send(session.tick())                  # every few hundred ms
+    send(session.local_update("device/d1", delta))
+
+Messages (the envelope ``type``; bodies are msgpack maps with short keys, every
+one carrying the sender's session id ``s``):
+
+``HELLO``    ``{s, bd, r, ps, vv: {scope: vector}, ev: {stream: next_seq}}``: the
+             sender's version vector per scope and, per stream it receives, the
+             next event seq it wants. ``bd`` is the birth/death sequence; ``r``
+             asks for a HELLO back; ``ps`` is the peer session it knows of.
+             Answered with the deltas (or a snapshot) the announcer lacks.
+``DELTAS``   ``{s, sc, d: [entry, ...], c}``: LWW entries
+             ``[key, ts, origin, counter, deleted, value]`` of scope ``sc``;
+             ``c`` optionally adds dots the batch covers but whose writes were
+             superseded (a wire-form version vector, or nil).
+``SNAPSHOT`` ``{s, sc, st}``: the full state of scope ``sc``, sent instead of
+             deltas to a peer whose vector does not cover the tombstones
+             collected here ("rebirth"); merged by causal join, so deleted keys
+             never come back.
+``EVENTS``   ``{s, st, from, first, items}``: events ``from, from + 1, ...`` of
+             stream ``st``; ``first`` is the oldest seq the sender still holds.
+             A batch that does not follow on is left unacknowledged (resent).
+``ACK``      ``{s, ps, a, vv, ev}``: acknowledges the reliable messages with the
+             envelope seqs in ``a`` and reports the receiver's vectors for the
+             scopes and cursors for the streams they touched.
+
+``DELTAS``, ``SNAPSHOT`` and ``EVENTS`` are reliable: kept until acknowledged
+and resent, byte for byte, after a timeout that doubles up to a cap (with a
+deterministic jitter). Duplicates are harmless because merges are idempotent.
+Every envelope carries a per-session sequence number; a gap that is not filled
+within ``gap_timeout_ms`` (the lost message was not a resent one, or the peer
+restarted) makes the session send a new HELLO, which brings back whatever is
+missing. A HELLO is resent until the peer acknowledges the session.
+
+Bounds: at most ``max_unacked`` reliable messages wait for an ack. A new delta
+batch past the bound is dropped, counted in :attr:`SessionStats.overflows`, and
+recovered by a new HELLO exchange once the queue drains (the dots stay missing
+at the peer, so nothing is lost). Events stay in their :class:`EventStream` until
+acknowledged, and are sent only as the queue has room.
+
+Errors: :meth:`SyncSession.receive` raises :class:`~sync._exceptions.WireError`
+(garbage, forged or unknown-key bytes), :class:`~sync._exceptions.ProtocolError`
+(a well-formed message that breaks the protocol),
+:class:`~sync._exceptions.CrdtError` (a malformed delta) or
+:class:`~sync._exceptions.ClockSkewError`; in each case nothing has changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, cast
+
+from sync._exceptions import CrdtError, ProtocolError
+from sync.crdt import LwwMap, validate_entries
+from sync.dots import VersionVector
+from sync.envelope import decode_envelope, encode_envelope, packb
+from sync.hlc import Clock, HybridLogicalClock
+from sync.keys import KeyRing, Signer
+
+__all__ = [
+    "ACK",
+    "DELTAS",
+    "EVENTS",
+    "HELLO",
+    "SNAPSHOT",
+    "EventStream",
+    "InboundStream",
+    "Replica",
+    "SessionStats",
+    "SyncSession",
+]
+
+log = logging.getLogger(__name__)
+
+HELLO = "HELLO"
+DELTAS = "DELTAS"
+EVENTS = "EVENTS"
+ACK = "ACK"
+SNAPSHOT = "SNAPSHOT"
+_RELIABLE = frozenset((DELTAS, EVENTS, SNAPSHOT))
+_MAX_NAME_LEN = 256
+_MAX_SEEN = 4096  # out-of-order seqs remembered before a gap is declared at once
+
+
+class EventStream:
+    """An append-only, bounded outbound stream with per-stream sequence numbers.
+
+    Items get seqs ``1, 2, ...``. They stay until :meth:`release` (the peer
+    acknowledged them at the application level). When ``capacity`` is reached
+    the oldest item is dropped and counted in :attr:`dropped`: never silently.
+
+    Args:
+        name: stream name.
+        capacity: most items held.
+    """
+
+    def __init__(self, name: str, capacity: int = 10_000) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.name = name
+        self.capacity = capacity
+        self._items: deque[Any] = deque()
+        self.first_seq = 1
+        self.dropped = 0
+
+    @property
+    def next_seq(self) -> int:
+        """Seq the next appended item will get."""
+        return self.first_seq + len(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def append(self, item: Any) -> int:
+        """Append an item (msgpack-friendly); return its seq."""
+        if len(self._items) >= self.capacity:
+            self._items.popleft()
+            self.first_seq += 1
+            self.dropped += 1
+        self._items.append(item)
+        return self.next_seq - 1
+
+    def read(self, from_seq: int, limit: int) -> tuple[int, list[Any]]:
+        """Return ``(seq of the first item, items)``, at most ``limit`` of them.
+
+        Items released or dropped before ``from_seq`` are skipped: the result
+        starts at ``max(from_seq, first_seq)``.
+        """
+        start = max(from_seq, self.first_seq)
+        offset = start - self.first_seq
+        end = min(len(self._items), offset + limit)
+        return start, [self._items[i] for i in range(offset, end)]
+
+    def release(self, upto_seq: int) -> None:
+        """Forget every item with a seq below ``upto_seq``."""
+        while self._items and self.first_seq < upto_seq:
+            self._items.popleft()
+            self.first_seq += 1
+
+
+@dataclass
+class InboundStream:
+    """Events received from a peer's stream, in order, with the next seq wanted."""
+
+    next_seq: int = 1
+    items: list[Any] = field(default_factory=list)
+    skipped: int = 0
+    """Events the sender dropped (its quota) before we got them."""
+
+
+class Replica:
+    """The synced state of one node: LWW scopes and event streams.
+
+    Args:
+        replica_id: this node's origin id (the ``origin`` of its dots).
+        hlc: the node's hybrid logical clock.
+    """
+
+    def __init__(self, replica_id: str, hlc: HybridLogicalClock) -> None:
+        self.replica_id = replica_id
+        self.hlc = hlc
+        self.scopes: dict[str, LwwMap] = {}
+        self.streams: dict[str, EventStream] = {}
+        self.inbox: dict[tuple[str, str], InboundStream] = {}
+
+    def scope(self, name: str) -> LwwMap:
+        """The map of scope ``name``, created empty on first use."""
+        m = self.scopes.get(name)
+        if m is None:
+            m = self.scopes[name] = LwwMap()
+        return m
+
+    def set(self, scope: str, key: str, value: Any) -> LwwMap:
+        """Write ``key = value`` in ``scope`` now; return the delta."""
+        return self.scope(scope).set(key, value, ts=self.hlc.now(), origin=self.replica_id)
+
+    def delete(self, scope: str, key: str) -> LwwMap:
+        """Delete ``key`` from ``scope`` now; return the delta."""
+        return self.scope(scope).delete(key, ts=self.hlc.now(), origin=self.replica_id)
+
+    def stream(self, name: str, capacity: int = 10_000) -> EventStream:
+        """The outbound stream ``name``, created on first use."""
+        s = self.streams.get(name)
+        if s is None:
+            s = self.streams[name] = EventStream(name, capacity)
+        return s
+
+
+@dataclass
+class SessionStats:
+    """Counters of one session (for metrics)."""
+
+    sent: int = 0
+    received: int = 0
+    resent: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    hellos_sent: int = 0
+    snapshots_sent: int = 0
+    overflows: int = 0
+    deltas_applied: int = 0
+
+
+_Apply = Callable[[], tuple[list[bytes], bool]]
+"""A validated message's effect: returns the replies and whether to ACK it."""
+
+
+@dataclass
+class _Pending:
+    data: bytes
+    due_ms: int
+    backoff_ms: int
+    scope: str | None
+
+
+def _check_name(what: str, name: object) -> str:
+    if type(name) is not str or not 0 < len(name) <= _MAX_NAME_LEN:
+        raise ProtocolError(f"invalid {what}: {name!r:.80}")
+    return name
+
+
+def _check_int(what: str, v: object) -> int:
+    if type(v) is not int or not 0 <= v < 1 << 63:
+        raise ProtocolError(f"invalid {what}: {v!r:.80}")
+    return v
+
+
+def _body(obj: object, keys: frozenset[str]) -> dict[str, Any]:
+    if type(obj) is not dict or obj.keys() != keys:
+        raise ProtocolError(f"message body must be a map with keys {sorted(keys)}")
+    _check_name("session id", obj["s"])
+    return obj
+
+
+_HELLO_KEYS = frozenset(("s", "bd", "r", "ps", "vv", "ev"))
+_DELTAS_KEYS = frozenset(("s", "sc", "d", "c"))
+_SNAPSHOT_KEYS = frozenset(("s", "sc", "st"))
+_EVENTS_KEYS = frozenset(("s", "st", "from", "first", "items"))
+_ACK_KEYS = frozenset(("s", "ps", "a", "vv", "ev"))
+
+
+class SyncSession:
+    """The sync protocol with one peer, as a deterministic state machine.
+
+    Every method returns the envelopes to send to the peer, in order.
+
+    Args:
+        replica: the local state (shared by every session of the node).
+        peer_id: the peer's id; envelopes from any other ``src`` are refused.
+        signer: signs outgoing envelopes.
+        keyring: the keys trusted for the peer's envelopes.
+        clock: the wall clock driving timeouts.
+        scopes: scopes synced with this peer (default: all the replica has
+            now; more can be added with :meth:`add_scope`).
+        streams: outbound streams sent to this peer.
+        bd_seq: birth/death sequence number, persisted by the caller.
+        session_id: defaults to a random UUID (pass one for determinism).
+        max_batch: most LWW entries or events per envelope.
+        max_unacked: most reliable messages awaiting an ack.
+        resend_initial_ms: first resend timeout.
+        resend_max_ms: cap of the doubling resend timeout.
+        gap_timeout_ms: how long a seq gap may stay open before a new HELLO.
+        on_change: called as ``on_change(scope, entries)`` with the wire entries
+            of every applied DELTAS batch (a relay forwards them), and as
+            ``on_change(scope, None)`` after a snapshot was merged.
+    """
+
+    def __init__(
+        self,
+        replica: Replica,
+        peer_id: str,
+        signer: Signer,
+        keyring: KeyRing,
+        clock: Clock,
+        *,
+        scopes: Iterable[str] | None = None,
+        streams: Iterable[str] = (),
+        bd_seq: int = 0,
+        session_id: str | None = None,
+        max_batch: int = 500,
+        max_unacked: int = 256,
+        resend_initial_ms: int = 1_000,
+        resend_max_ms: int = 60_000,
+        gap_timeout_ms: int = 5_000,
+        on_change: Callable[[str, list[list[Any]] | None], None] | None = None,
+    ) -> None:
+        self.replica = replica
+        self.peer_id = peer_id
+        self._signer = signer
+        self._keyring = keyring
+        self._clock = clock
+        self.scopes: set[str] = set(replica.scopes if scopes is None else scopes)
+        self.streams: set[str] = set(streams)
+        self.bd_seq = bd_seq
+        self.session_id = session_id or uuid.uuid4().hex
+        self.max_batch = max_batch
+        self.max_unacked = max_unacked
+        self.resend_initial_ms = resend_initial_ms
+        self.resend_max_ms = resend_max_ms
+        self.gap_timeout_ms = gap_timeout_ms
+        self.on_change = on_change
+        self.stats = SessionStats()
+        self._rng = random.Random(self.session_id)
+        self._seq = 0
+        self._unacked: dict[int, _Pending] = {}
+        self._hello_confirmed = False
+        self._hello_due: int | None = None
+        self._hello_backoff = resend_initial_ms
+        self._resync = False
+        # What we know of the peer.
+        self.peer_session: str | None = None
+        self.peer_bd_seq: int | None = None
+        self.peer_vv: dict[str, VersionVector] = {}
+        self._sent_upto: dict[str, int] = {}
+        # Receive-side sequence tracking of the peer's session.
+        self._recv_next = 0
+        self._recv_seen: set[int] = set()
+        self._gap_since: int | None = None
+
+    # -- public API ----------------------------------------------------------------------
+
+    @property
+    def unacked(self) -> int:
+        """Reliable messages waiting for an ack."""
+        return len(self._unacked)
+
+    @property
+    def hello_confirmed(self) -> bool:
+        """Whether the peer acknowledged this session's HELLO."""
+        return self._hello_confirmed
+
+    def add_scope(self, scope: str) -> list[bytes]:
+        """Start syncing ``scope`` with the peer (announced by a new HELLO)."""
+        self.scopes.add(scope)
+        return self._hello(reply=True)
+
+    def start(self) -> list[bytes]:
+        """Begin the session: announce ourselves with a HELLO."""
+        return self._hello(reply=True)
+
+    def local_update(self, scope: str, delta: LwwMap) -> list[bytes]:
+        """Send a local (or forwarded) delta of ``scope`` to the peer.
+
+        The delta must already be merged into the replica.
+        """
+        if scope not in self.scopes:
+            return []
+        return self.send_entries(scope, delta.entries_wire())
+
+    def send_entries(self, scope: str, entries: list[list[Any]]) -> list[bytes]:
+        """Send wire-form LWW entries of ``scope`` (see :meth:`LwwMap.entries_wire`)."""
+        if scope not in self.scopes or not entries:
+            return []
+        known = self.peer_vv.get(scope)
+        if known is not None:
+            entries = [e for e in entries if (e[2], e[3]) not in known]
+        out: list[bytes] = []
+        for i in range(0, len(entries), self.max_batch):
+            body = {
+                "s": self.session_id,
+                "sc": scope,
+                "d": entries[i : i + self.max_batch],
+                "c": None,
+            }
+            out += self._reliable(DELTAS, body, droppable=True)
+        return out
+
+    def tick(self) -> list[bytes]:
+        """Do what time asks: resends, HELLO retries, gap handling, event upload."""
+        now = self._clock.now_ms()
+        out: list[bytes] = []
+        if self._gap_since is not None and now - self._gap_since >= self.gap_timeout_ms:
+            self.stats.gaps += 1
+            log.debug("seq gap from %s open too long: re-HELLO", self.peer_id)
+            self._recv_next = max(self._recv_seen, default=self._recv_next - 1) + 1
+            self._recv_seen.clear()
+            self._gap_since = None
+            out += self._hello(reply=True)
+        elif self._resync and len(self._unacked) < self.max_unacked // 2:
+            out += self._hello(reply=True)
+        elif not self._hello_confirmed and self._hello_due is not None and now >= self._hello_due:
+            out += self._hello(reply=True, backoff=True)
+        for pending in self._unacked.values():
+            if now >= pending.due_ms:
+                pending.backoff_ms = min(pending.backoff_ms * 2, self.resend_max_ms)
+                pending.due_ms = now + self._jitter(pending.backoff_ms)
+                self.stats.resent += 1
+                out.append(pending.data)
+        out += self._anti_entropy()
+        out += self._upload_events()
+        return out
+
+    def _anti_entropy(self) -> list[bytes]:
+        """Send what an idle peer still lacks, as far as its acks tell.
+
+        Forwarded deltas carry no context for writes that were superseded before
+        they were forwarded, and batches may be dropped on overflow; comparing
+        the peer's acknowledged vector with ours once nothing is in flight for a
+        scope closes those holes, so vectors (and with them tombstone collection)
+        converge, not just values.
+        """
+        if not self._hello_confirmed or self._resync:
+            return []
+        busy = {p.scope for p in self._unacked.values()}
+        out: list[bytes] = []
+        for sc in sorted(self.scopes):
+            known = self.peer_vv.get(sc)
+            if sc in busy or known is None:
+                continue
+            if not known.dominates(self.replica.scope(sc).context):
+                out += self._catch_up(sc, known)
+        return out
+
+    def receive(self, data: bytes) -> list[bytes]:
+        """Process one envelope from the peer; return the replies.
+
+        Raises:
+            WireError: garbage, oversize, unsupported or badly signed bytes.
+            ProtocolError: a well-formed message that breaks the protocol.
+            CrdtError: a malformed delta, snapshot or vector.
+            ClockSkewError: the sender's clock is too far ahead.
+
+        On any error the session and the replica are unchanged.
+        """
+        env = decode_envelope(data, self._keyring)
+        if env.src != self.peer_id:
+            raise ProtocolError(f"envelope from {env.src!r}, expected {self.peer_id!r}")
+        body = env.decode_body()
+        handler = self._HANDLERS.get(env.type)
+        if handler is None:
+            raise ProtocolError(f"unknown message type {env.type!r}")
+        # Parse and validate fully before anything changes.
+        action = handler(self, body)
+        msg = cast("dict[str, Any]", body)  # checked by the handler
+        self.replica.hlc.update(env.ts)
+        self.stats.received += 1
+        if self._track_seq(env.type, msg["s"], env.seq):
+            # Applied again anyway: merges are idempotent, and after a gap reset
+            # a resent message can look old without having been applied.
+            self.stats.duplicates += 1
+        out, ack = action()
+        if ack:
+            out += self._ack(env.seq, env.type, msg)
+        return out
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _jitter(self, ms: int) -> int:
+        return ms + int(ms * 0.25 * self._rng.random())
+
+    def _envelope(self, type_: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        self._seq += 1
+        self.stats.sent += 1
+        data = encode_envelope(
+            type_,
+            self.replica.replica_id,
+            self._seq,
+            self.replica.hlc.now(),
+            packb(body),
+            self._signer,
+        )
+        return self._seq, data
+
+    def _reliable(self, type_: str, body: dict[str, Any], *, droppable: bool) -> list[bytes]:
+        if len(self._unacked) >= self.max_unacked:
+            self.stats.overflows += 1
+            if droppable:
+                # The peer still lacks these dots; a HELLO once the queue drains
+                # brings them. Counted, never silent.
+                self._resync = True
+                log.debug("outbound queue to %s full: %s dropped", self.peer_id, type_)
+                return []
+        seq, data = self._envelope(type_, body)
+        now = self._clock.now_ms()
+        self._unacked[seq] = _Pending(
+            data,
+            now + self._jitter(self.resend_initial_ms),
+            self.resend_initial_ms,
+            body.get("sc"),
+        )
+        return [data]
+
+    def _hello(self, *, reply: bool, backoff: bool = False) -> list[bytes]:
+        self._resync = False
+        vv = {sc: self.replica.scope(sc).context.to_wire() for sc in sorted(self.scopes)}
+        ev = {
+            name: inb.next_seq
+            for (src, name), inb in sorted(self.replica.inbox.items())
+            if src == self.peer_id
+        }
+        body = {
+            "s": self.session_id,
+            "bd": self.bd_seq,
+            "r": reply,
+            "ps": self.peer_session,
+            "vv": vv,
+            "ev": ev,
+        }
+        _, data = self._envelope(HELLO, body)
+        now = self._clock.now_ms()
+        self._hello_backoff = (
+            min(self._hello_backoff * 2, self.resend_max_ms) if backoff else self.resend_initial_ms
+        )
+        self._hello_due = now + self._jitter(self._hello_backoff)
+        self.stats.hellos_sent += 1
+        return [data]
+
+    def _ack(self, seq: int, type_: str, body: dict[str, Any]) -> list[bytes]:
+        vv: dict[str, Any] = {}
+        ev: dict[str, int] = {}
+        if type_ == EVENTS:
+            inb = self.replica.inbox.get((self.peer_id, body["st"]))
+            ev[body["st"]] = inb.next_seq if inb else 1
+        else:
+            vv[body["sc"]] = self.replica.scope(body["sc"]).context.to_wire()
+        ack = {"s": self.session_id, "ps": self.peer_session, "a": [seq], "vv": vv, "ev": ev}
+        _, data = self._envelope(ACK, ack)
+        return [data]
+
+    def _catch_up(self, scope: str, claimed: VersionVector) -> list[bytes]:
+        state = self.replica.scope(scope)
+        if state.needs_snapshot(claimed):
+            self.stats.snapshots_sent += 1
+            log.debug(
+                "peer %s is behind the tombstone horizon of %s: snapshot", self.peer_id, scope
+            )
+            snap: dict[str, Any] = {"s": self.session_id, "sc": scope, "st": state.to_wire()}
+            return self._reliable(SNAPSHOT, snap, droppable=True)
+        entries = state.entries_wire(claimed)
+        sent = VersionVector()
+        for e in entries:
+            sent.add_counter(e[2], e[3])
+        # Dots the peer lacks whose writes were superseded: they ride with the
+        # last batch, never with a dot whose entry is still on its way.
+        covered = state.context.difference(claimed).difference(sent)
+        ctx = covered.to_wire() if covered else None
+        out: list[bytes] = []
+        n = len(entries)
+        for i in range(0, max(n, 1 if ctx else 0), self.max_batch):
+            last = i + self.max_batch >= n
+            body: dict[str, Any] = {
+                "s": self.session_id,
+                "sc": scope,
+                "d": entries[i : i + self.max_batch],
+                "c": ctx if last else None,
+            }
+            out += self._reliable(DELTAS, body, droppable=True)
+        return out
+
+    def _upload_events(self) -> list[bytes]:
+        out: list[bytes] = []
+        for name in sorted(self.streams):
+            stream = self.replica.streams.get(name)
+            if stream is None:
+                continue
+            while len(self._unacked) < self.max_unacked:
+                start, items = stream.read(self._sent_upto.get(name, 1), self.max_batch)
+                if not items:
+                    break
+                body = {
+                    "s": self.session_id,
+                    "st": name,
+                    "from": start,
+                    "first": stream.first_seq,
+                    "items": items,
+                }
+                out += self._reliable(EVENTS, body, droppable=False)
+                self._sent_upto[name] = start + len(items)
+        return out
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def _track_seq(self, type_: str, sid: str, seq: int) -> bool:
+        """Record a received seq; return whether it was seen before."""
+        if type_ == HELLO:
+            if sid != self.peer_session:
+                # A new peer session (restart or reconnect): sequence restarts.
+                self.peer_session = sid
+                self._recv_next = seq + 1
+                self._recv_seen.clear()
+                self._gap_since = None
+                return False
+        elif sid != self.peer_session:
+            # A message of a session we have no HELLO for (lost or reordered):
+            # applied, but it cannot take part in gap detection.
+            return False
+        if seq < self._recv_next or seq in self._recv_seen:
+            return True
+        if seq == self._recv_next:
+            self._recv_next += 1
+            while self._recv_next in self._recv_seen:
+                self._recv_seen.discard(self._recv_next)
+                self._recv_next += 1
+            if not self._recv_seen:
+                self._gap_since = None
+        else:
+            self._recv_seen.add(seq)
+            if self._gap_since is None:
+                self._gap_since = self._clock.now_ms()
+            if len(self._recv_seen) > _MAX_SEEN:
+                self._gap_since = self._clock.now_ms() - self.gap_timeout_ms
+        return False
+
+    def _on_hello(self, raw: object) -> _Apply:
+        body = _body(raw, _HELLO_KEYS)
+        bd = _check_int("bdSeq", body["bd"])
+        if type(body["r"]) is not bool:
+            raise ProtocolError("HELLO field r must be a bool")
+        ps = body["ps"]
+        if ps is not None:
+            _check_name("session id", ps)
+        if type(body["vv"]) is not dict or type(body["ev"]) is not dict:
+            raise ProtocolError("HELLO vv and ev must be maps")
+        claims = {
+            _check_name("scope", sc): VersionVector.from_wire(vv) for sc, vv in body["vv"].items()
+        }
+        cursors = {
+            _check_name("stream", st): _check_int("cursor", c) for st, c in body["ev"].items()
+        }
+        if self.peer_bd_seq is not None and bd < self.peer_bd_seq:
+            raise ProtocolError(f"HELLO with stale bdSeq {bd} < {self.peer_bd_seq}")
+
+        def apply() -> tuple[list[bytes], bool]:
+            self.peer_bd_seq = bd
+            if ps == self.session_id:
+                self._hello_confirmed = True
+            out: list[bytes] = []
+            if body["r"]:
+                out += self._hello(reply=False)
+            for sc in sorted(claims):
+                if sc in self.scopes:
+                    self.peer_vv[sc] = claims[sc].copy()
+                    out += self._catch_up(sc, claims[sc])
+            for st, cursor in cursors.items():
+                if st in self.streams:
+                    self._sent_upto[st] = cursor
+                    self.replica.stream(st).release(cursor)
+            # An ack of the peer's session, so it stops resending its HELLO.
+            ack: dict[str, Any] = {
+                "s": self.session_id,
+                "ps": self.peer_session,
+                "a": [],
+                "vv": {},
+                "ev": {},
+            }
+            out.append(self._envelope(ACK, ack)[1])
+            return out, False
+
+        return apply
+
+    def _on_deltas(self, raw: object) -> _Apply:
+        body = _body(raw, _DELTAS_KEYS)
+        scope = _check_name("scope", body["sc"])
+        if scope not in self.scopes:
+            raise ProtocolError(f"DELTAS for scope {scope!r} not synced with {self.peer_id!r}")
+        entries = body["d"]
+        if type(entries) is not list:
+            raise ProtocolError("DELTAS field d must be a list")
+        if len(entries) > max(self.max_batch, 10_000):
+            raise ProtocolError("DELTAS batch too large")
+        ctx = None if body["c"] is None else VersionVector.from_wire(body["c"])
+        max_ts = 0
+        for e in entries:
+            if type(e) is not list or len(e) != 6:
+                raise CrdtError("LWW entry must be a 6-item list")
+            if type(e[1]) is int and e[1] > max_ts:
+                max_ts = e[1]
+        if entries:
+            self.replica.hlc.check(max_ts)
+        validate_entries(entries)
+
+        def apply() -> tuple[list[bytes], bool]:
+            if entries:
+                self.replica.hlc.update(max_ts)
+            n = self.replica.scope(scope).apply_entries(entries, ctx)
+            self.stats.deltas_applied += n
+            if n and self.on_change is not None:
+                self.on_change(scope, entries)
+            return [], True
+
+        return apply
+
+    def _on_snapshot(self, raw: object) -> _Apply:
+        body = _body(raw, _SNAPSHOT_KEYS)
+        scope = _check_name("scope", body["sc"])
+        if scope not in self.scopes:
+            raise ProtocolError(f"SNAPSHOT for scope {scope!r} not synced with {self.peer_id!r}")
+        snap = LwwMap.from_wire(body["st"])
+        max_ts = snap.max_ts
+        self.replica.hlc.check(max_ts)
+
+        def apply() -> tuple[list[bytes], bool]:
+            self.replica.hlc.update(max_ts)
+            self.replica.scope(scope).merge_state(snap)
+            if self.on_change is not None:
+                self.on_change(scope, None)
+            return [], True
+
+        return apply
+
+    def _on_events(self, raw: object) -> _Apply:
+        body = _body(raw, _EVENTS_KEYS)
+        stream = _check_name("stream", body["st"])
+        start = _check_int("from", body["from"])
+        first = _check_int("first", body["first"])
+        items = body["items"]
+        if type(items) is not list or not 1 <= first <= start:
+            raise ProtocolError("EVENTS items must be a list and 1 <= first <= from")
+        if len(items) > max(self.max_batch, 10_000):
+            raise ProtocolError("EVENTS batch too large")
+
+        def apply() -> tuple[list[bytes], bool]:
+            inb = self.replica.inbox.setdefault((self.peer_id, stream), InboundStream())
+            if start > inb.next_seq:
+                if first <= inb.next_seq:
+                    # An earlier batch is still on its way: no ack, so this one
+                    # is resent after it.
+                    return [], False
+                # The sender no longer holds what we lack (its quota dropped
+                # it, and counted it): skip ahead rather than stall.
+                inb.skipped += first - inb.next_seq
+                inb.next_seq = first
+                if start > first:
+                    return [], False
+            skip = inb.next_seq - start
+            if skip < len(items):
+                inb.items.extend(items[skip:])
+                inb.next_seq = start + len(items)
+            return [], True
+
+        return apply
+
+    def _on_ack(self, raw: object) -> _Apply:
+        body = _body(raw, _ACK_KEYS)
+        ps = body["ps"]
+        if ps is not None:
+            _check_name("session id", ps)
+        acked = body["a"]
+        if type(acked) is not list or type(body["vv"]) is not dict or type(body["ev"]) is not dict:
+            raise ProtocolError("ACK fields a, vv, ev have the wrong types")
+        seqs = [_check_int("seq", s) for s in acked]
+        vvs = {_check_name("scope", sc): VersionVector.from_wire(v) for sc, v in body["vv"].items()}
+        cursors = {
+            _check_name("stream", st): _check_int("cursor", c) for st, c in body["ev"].items()
+        }
+
+        def apply() -> tuple[list[bytes], bool]:
+            if ps == self.session_id:
+                self._hello_confirmed = True
+            for s in seqs:
+                self._unacked.pop(s, None)
+            for sc, vv in vvs.items():
+                if sc in self.scopes:
+                    known = self.peer_vv.setdefault(sc, VersionVector())
+                    known.merge(vv)
+            for st, cursor in cursors.items():
+                stream = self.replica.streams.get(st)
+                if stream is not None and st in self.streams:
+                    stream.release(cursor)
+            return [], False
+
+        return apply
+
+    _HANDLERS: ClassVar[dict[str, Callable[[SyncSession, object], _Apply]]] = {
+        HELLO: _on_hello,
+        DELTAS: _on_deltas,
+        SNAPSHOT: _on_snapshot,
+        EVENTS: _on_events,
+        ACK: _on_ack,
+    }
