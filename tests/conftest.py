@@ -6,6 +6,12 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# A real Mosquitto broker the test can kill and restart.
+from tests.fixtures_mqtt import mosquitto  # noqa: F401
+
+# Real runtimes (Podman service, libvirt test driver) for the driver tests.
+from tests.fixtures_runtime import libvirt_uri, podman_owner, podman_service  # noqa: F401
+
 # "ci" keeps the example counts the tests ask for (>= 200 for properties) and
 # drops the per-example deadline: the machine is shared and noisy.
 settings.register_profile(

@@ -1,0 +1,59 @@
+"""Workload drivers: the runtimes the edge agent starts workloads on.
+
+One protocol (:class:`WorkloadDriver`) and its implementations: supervised
+subprocesses (:class:`ProcessDriver`), Podman containers over the API socket
+(:class:`PodmanDriver`), libvirt domains (:class:`LibvirtDriver`, libvirt-python
+imported lazily) and an in-memory model for the simulator and unit tests
+(:class:`SimDriver`). See ``base.py`` for the contract.
+"""
+
+from __future__ import annotations
+
+from edge_agent.drivers._exceptions import (
+    DriverError,
+    DriverUnavailableError,
+    ImageNotFoundError,
+    WorkloadConflictError,
+    WorkloadNotFoundError,
+    WorkloadStartError,
+)
+from edge_agent.drivers.base import (
+    LIMITS_LABEL,
+    OWNER_LABEL,
+    VERSION_LABEL,
+    WORKLOAD_LABEL,
+    ActualPhase,
+    ActualState,
+    BlockingRunner,
+    DriverCapability,
+    WorkloadDriver,
+    WorkloadHandle,
+)
+from edge_agent.drivers.libvirt import METADATA_NS, LibvirtDriver
+from edge_agent.drivers.podman import PodmanDriver
+from edge_agent.drivers.process import ProcessDriver
+from edge_agent.drivers.sim import SimDriver
+
+__all__ = [
+    "ActualPhase",
+    "ActualState",
+    "BlockingRunner",
+    "DriverCapability",
+    "DriverError",
+    "DriverUnavailableError",
+    "ImageNotFoundError",
+    "LIMITS_LABEL",
+    "LibvirtDriver",
+    "METADATA_NS",
+    "OWNER_LABEL",
+    "PodmanDriver",
+    "ProcessDriver",
+    "SimDriver",
+    "VERSION_LABEL",
+    "WORKLOAD_LABEL",
+    "WorkloadConflictError",
+    "WorkloadDriver",
+    "WorkloadHandle",
+    "WorkloadNotFoundError",
+    "WorkloadStartError",
+]
