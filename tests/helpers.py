@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
 async def wait_until(predicate: Callable[[], bool], *, within: float = 20.0) -> None:
@@ -16,3 +16,12 @@ async def wait_until(predicate: Callable[[], bool], *, within: float = 20.0) -> 
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+
+
+async def wait_until_async(
+    predicate: Callable[[], Awaitable[bool]], *, within: float = 20.0
+) -> None:
+    """Like :func:`wait_until`, for a predicate that must await (e.g. a journal read)."""
+    async with asyncio.timeout(within):
+        while not await predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)

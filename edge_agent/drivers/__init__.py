@@ -9,6 +9,8 @@ imported lazily) and an in-memory model for the simulator and unit tests
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from edge_agent.drivers._exceptions import (
     DriverError,
     DriverUnavailableError,
@@ -30,7 +32,6 @@ from edge_agent.drivers.base import (
     WorkloadHandle,
 )
 from edge_agent.drivers.libvirt import METADATA_NS, LibvirtDriver
-from edge_agent.drivers.podman import PodmanDriver
 from edge_agent.drivers.process import ProcessDriver
 from edge_agent.drivers.sim import SimDriver
 
@@ -57,3 +58,16 @@ __all__ = [
     "WorkloadNotFoundError",
     "WorkloadStartError",
 ]
+
+if TYPE_CHECKING:
+    from edge_agent.drivers.podman import PodmanDriver
+
+
+def __getattr__(name: str) -> Any:
+    # podman-py (and requests under it) cost ~10 MB: load them only when a
+    # Podman driver is actually asked for.
+    if name == "PodmanDriver":
+        from edge_agent.drivers.podman import PodmanDriver  # noqa: PLC0415
+
+        return PodmanDriver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

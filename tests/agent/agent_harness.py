@@ -1,0 +1,159 @@
+"""Helpers for agent integration tests: configs, a seeded journal, a hub peer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from edge_agent.config import AgentConfig
+from edge_agent.identity import load_or_create_device_key
+from edge_agent.journal import Journal
+from edge_agent.state import DeviceState, device_scope
+from firmware_profiles import FirmwareProfile, load_profile
+from sync.crdt import LwwMap
+from sync.hlc import HybridLogicalClock, SystemClock
+from sync.keys import KeyRing, Signer
+from sync.models import WorkloadSpec
+from sync.protocol import Replica, SyncSession
+from sync.topics import device_topic
+
+REGION = "eu-test"
+
+
+def make_config(
+    data_dir: Path,
+    *,
+    device_id: str = "gw-1",
+    relays: Sequence[str] = ("mqtt://127.0.0.1:9",),
+    drivers: Sequence[str] = ("process",),
+    podman_url: str | None = None,
+    reconcile_interval_s: float = 0.2,
+) -> tuple[AgentConfig, FirmwareProfile]:
+    """A validated agent config for tests (fast reconcile, fast reconnect)."""
+    profile = load_profile("generic-x86_64")
+    data: dict[str, Any] = {
+        "device_id": device_id,
+        "region": REGION,
+        "data_dir": str(data_dir),
+        "profile": profile.name,
+        "relays": list(relays),
+        "drivers": list(drivers),
+        "supervisor": {"reconcile_interval_s": reconcile_interval_s},
+        "link": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5},
+    }
+    if podman_url is not None:
+        data["podman_url"] = podman_url
+    return AgentConfig.for_profile(data, profile), profile
+
+
+def enroll_offline(config: AgentConfig, hub: Signer) -> Signer:
+    """What `agent enroll` leaves on disk: the device key and the hub's public key."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    (config.data_dir / "hub.pub").write_text(
+        base64.b64encode(hub.public_key_bytes).decode() + "\n", encoding="ascii"
+    )
+    return load_or_create_device_key(config.key_path)
+
+
+async def seed_desired(config: AgentConfig, specs: Sequence[WorkloadSpec]) -> None:
+    """Write desired specs into the journal as an earlier hub sync would have left them."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    async with Journal.open(config.data_dir / "journal.db", quota_bytes=1 << 24) as journal:
+        hub_replica = Replica("hub", HybridLogicalClock(SystemClock()))
+        state = DeviceState(hub_replica, journal, config.device_id)
+        for spec in specs:
+            await state.write_local(f"desired/{spec.name}", spec.model_dump(mode="json"))
+
+
+class HubPeer:
+    """The hub side of the device sync, over a real broker (reconnects on loss)."""
+
+    def __init__(self, port: int, device_id: str, device_key: bytes, signer: Signer) -> None:
+        self.port = port
+        self.device_id = device_id
+        self.scope = device_scope(device_id)
+        self.replica = Replica("hub", HybridLogicalClock(SystemClock()))
+        self.replica.scope(self.scope)
+        self.signer = signer
+        self.keyring = KeyRing()
+        self.keyring.add(device_key)
+        self.session: SyncSession | None = None
+        self.received: list[bytes] = []
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._pending: list[bytes] = []
+
+    @property
+    def map(self) -> LwwMap:
+        return self.replica.scope(self.scope)
+
+    def events(self, stream: str) -> list[Any]:
+        inbound = self.replica.inbox.get((self.device_id, stream))
+        return [] if inbound is None else list(inbound.items)
+
+    def set_desired(self, spec: WorkloadSpec) -> None:
+        delta = self.replica.set(self.scope, f"desired/{spec.name}", spec.model_dump(mode="json"))
+        if self.session is not None:
+            self._pending += self.session.local_update(self.scope, delta)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._connected()
+            except* aiomqtt.MqttError:
+                self.connected.clear()
+                self.session = None
+            await asyncio.sleep(0.2)
+
+    async def _connected(self) -> None:
+        up = device_topic(REGION, self.device_id, "up")
+        down = device_topic(REGION, self.device_id, "down")
+        async with aiomqtt.Client("127.0.0.1", self.port, identifier="test-hub") as client:
+            await client.subscribe(up, qos=1)
+            session = SyncSession(
+                self.replica,
+                self.device_id,
+                self.signer,
+                self.keyring,
+                SystemClock(),
+                scopes=[self.scope],
+            )
+            self.session = session
+            self.connected.set()
+
+            async def send(out: list[bytes]) -> None:
+                for data in out:
+                    await client.publish(down, data, qos=1)
+
+            async def ticker() -> None:
+                while True:
+                    out, self._pending = self._pending, []
+                    await send(out + session.tick())
+                    await asyncio.sleep(0.1)
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(ticker())
+                await send(session.start())
+                async for message in client.messages:
+                    payload = message.payload
+                    assert isinstance(payload, bytes)
+                    self.received.append(payload)
+                    await send(session.receive(payload))
+
+
+@contextlib.asynccontextmanager
+async def running(coro: Any) -> Any:
+    """Run a coroutine as a task for the block's duration, then cancel it."""
+    task = asyncio.create_task(coro)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
