@@ -192,3 +192,16 @@ async def test_sync_with_hub_over_mosquitto_survives_broker_restart(
         assert len(seen) == last
         phases = [unpackb_strict(item[2])["phase"] for item in seen]  # type: ignore[index]
         assert phases[-1] == "stopped"
+
+
+async def test_link_fails_over_along_the_relay_list(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """The first relay is down: the agent connects to the next one, with a Will."""
+    dead = MosquittoBroker(tmp_path / "dead")  # configured, never started
+    config, profile = make_config(tmp_path / "agent", relays=(dead.url, mosquitto.url))
+    enroll_offline(config, Signer.generate())
+    async with Agent(config, profile) as agent:
+        await wait_until(agent.link.connected.is_set)
+        assert agent.link.stats.connect_failures >= 1
+        assert agent.link.stats.connected_to == f"127.0.0.1:{mosquitto.port}"

@@ -14,7 +14,7 @@ from edge_agent._supervisor_plan import BackoffPolicy, WorkloadRecord, decide
 from edge_agent.config import SupervisorSettings
 from edge_agent.drivers import ActualPhase, ActualState, ProcessDriver
 from edge_agent.supervisor import OverrideAction, RejectedSpec, Supervisor
-from sync.models import RestartPolicy, WorkloadPhase, WorkloadSpec, WorkloadStatus
+from sync.models import HealthCheck, RestartPolicy, WorkloadPhase, WorkloadSpec, WorkloadStatus
 from tests.helpers import wait_until
 
 PY = sys.executable
@@ -260,3 +260,31 @@ async def test_supervises_real_processes(tmp_path: Path) -> None:
                 await task
     assert sink.phases("crashy")[-1] == "failed"
     assert "rejected" in sink.phases("bad")
+
+
+async def test_failing_health_check_restarts_the_workload(tmp_path: Path) -> None:
+    """A running process whose tcp health check fails is restarted (an attempt)."""
+    from tests.fixtures_mqtt import free_port
+
+    port = free_port()  # nothing listens there: every check fails
+    view, sink = View(), Sink()
+    view.specs["web"] = WorkloadSpec(
+        name="web",
+        driver="process",
+        command=(PY, "-c", "import time; time.sleep(600)"),
+        restart=RestartPolicy(max_attempts=2, backoff_initial_s=0.05, backoff_max_s=0.1),
+        health=HealthCheck(
+            kind="tcp", port=port, interval_s=0.05, timeout_s=1, failure_threshold=2
+        ),
+    )
+    async with ProcessDriver("agent-h", tmp_path / "logs") as driver:
+        sup = Supervisor({"process": driver}, view, sink, settings=SETTINGS, rng=random.Random(0))
+        task = asyncio.create_task(sup.run())
+        try:
+            await wait_until(lambda: getattr(sup.record("web"), "phase", "") == "failed")
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert "unhealthy: tcp check failed" in rec(sup, "web").reason
+    assert rec(sup, "web").healthy is False
