@@ -23,10 +23,11 @@ one carrying the sender's session id ``s``):
              ``[key, ts, origin, counter, deleted, value]`` of scope ``sc``;
              ``c`` optionally adds dots the batch covers but whose writes were
              superseded (a wire-form version vector, or nil).
-``SNAPSHOT`` ``{s, sc, st}``: the full state of scope ``sc``, sent instead of
-             deltas to a peer whose vector does not cover the tombstones
-             collected here ("rebirth"); merged by causal join, so deleted keys
-             never come back.
+``SNAPSHOT`` ``{s, sc, st}``: one chunk of the state of scope ``sc``, sent
+             instead of deltas to a peer whose vector does not cover the
+             tombstones collected here ("rebirth"). ``st`` is an
+             :meth:`LwwMap.to_wire` state merged by causal join, so deleted keys
+             never come back (see "Snapshot chunks" below).
 ``EVENTS``   ``{s, st, from, first, items}``: events ``from, from + 1, ...`` of
              stream ``st``; ``first`` is the oldest seq the sender still holds.
              A batch that does not follow on is left unacknowledged (resent).
@@ -41,6 +42,28 @@ Every envelope carries a per-session sequence number; a gap that is not filled
 within ``gap_timeout_ms`` (the lost message was not a resent one, or the peer
 restarted) makes the session send a new HELLO, which brings back whatever is
 missing. A HELLO is resent until the peer acknowledges the session.
+
+Size: no envelope exceeds the 256 KiB cap. Entry batches (``DELTAS``,
+``SNAPSHOT``) are cut at ``max_batch`` entries and halved again while a body
+packs to more than ``max_body_bytes``; context dots too many for one message are
+cut into pieces that travel in messages of their own (``sync/_chunks.py``).
+``EVENTS`` batches shrink the same way. An entry or event too large for any
+envelope cannot be sent: it is counted in :attr:`SessionStats.oversize` and
+logged, and the peer keeps lacking it (bound values where they are written).
+
+Snapshot chunks: a full state does not fit one envelope past a few thousand
+keys, so a snapshot is a series of chunks, each reliable on its own and each a
+valid state that may be merged alone, in any order, any number of times. A
+chunk's context claims exactly the dots of its own entries, plus (in the
+trailing chunks) dots the sender has seen but holds no entry for: writes it
+overwrote, and tombstones it collected. It never claims the dot of an entry
+sent in another chunk, so the causal join neither drops a receiver's copy of
+such an entry nor later skips the entry as "seen". Whatever the order of
+arrival, the receiver drops exactly the entries the sender superseded (the
+superseding entry, if any, wins anyway when its chunk lands), and its context
+grows to the sender's. The last chunk carries the sender's horizon. Entries
+whose dots the peer already claims are left out, so a snapshot interrupted by
+loss or a full queue resumes where it stopped on the next HELLO.
 
 Bounds: at most ``max_unacked`` reliable messages wait for an ack. A new delta
 batch past the bound is dropped, counted in :attr:`SessionStats.overflows`, and
@@ -60,17 +83,18 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
-from sync._exceptions import CrdtError, ProtocolError
+from sync._chunks import Chunk, entry_dots, pack_chunks, plan_chunks, split_vector
+from sync._exceptions import CrdtError, OversizeError, ProtocolError
 from sync.crdt import LwwMap, validate_entries
 from sync.dots import VersionVector
 from sync.envelope import decode_envelope, encode_envelope, packb
-from sync.hlc import Clock, HybridLogicalClock
+from sync.hlc import Clock
 from sync.keys import KeyRing, Signer
+from sync.replica import EventStream, InboundStream, Replica
 
 __all__ = [
     "ACK",
@@ -97,110 +121,6 @@ _MAX_NAME_LEN = 256
 _MAX_SEEN = 4096  # out-of-order seqs remembered before a gap is declared at once
 
 
-class EventStream:
-    """An append-only, bounded outbound stream with per-stream sequence numbers.
-
-    Items get seqs ``1, 2, ...``. They stay until :meth:`release` (the peer
-    acknowledged them at the application level). When ``capacity`` is reached
-    the oldest item is dropped and counted in :attr:`dropped`: never silently.
-
-    Args:
-        name: stream name.
-        capacity: most items held.
-    """
-
-    def __init__(self, name: str, capacity: int = 10_000) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
-        self.name = name
-        self.capacity = capacity
-        self._items: deque[Any] = deque()
-        self.first_seq = 1
-        self.dropped = 0
-
-    @property
-    def next_seq(self) -> int:
-        """Seq the next appended item will get."""
-        return self.first_seq + len(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def append(self, item: Any) -> int:
-        """Append an item (msgpack-friendly); return its seq."""
-        if len(self._items) >= self.capacity:
-            self._items.popleft()
-            self.first_seq += 1
-            self.dropped += 1
-        self._items.append(item)
-        return self.next_seq - 1
-
-    def read(self, from_seq: int, limit: int) -> tuple[int, list[Any]]:
-        """Return ``(seq of the first item, items)``, at most ``limit`` of them.
-
-        Items released or dropped before ``from_seq`` are skipped: the result
-        starts at ``max(from_seq, first_seq)``.
-        """
-        start = max(from_seq, self.first_seq)
-        offset = start - self.first_seq
-        end = min(len(self._items), offset + limit)
-        return start, [self._items[i] for i in range(offset, end)]
-
-    def release(self, upto_seq: int) -> None:
-        """Forget every item with a seq below ``upto_seq``."""
-        while self._items and self.first_seq < upto_seq:
-            self._items.popleft()
-            self.first_seq += 1
-
-
-@dataclass
-class InboundStream:
-    """Events received from a peer's stream, in order, with the next seq wanted."""
-
-    next_seq: int = 1
-    items: list[Any] = field(default_factory=list)
-    skipped: int = 0
-    """Events the sender dropped (its quota) before we got them."""
-
-
-class Replica:
-    """The synced state of one node: LWW scopes and event streams.
-
-    Args:
-        replica_id: this node's origin id (the ``origin`` of its dots).
-        hlc: the node's hybrid logical clock.
-    """
-
-    def __init__(self, replica_id: str, hlc: HybridLogicalClock) -> None:
-        self.replica_id = replica_id
-        self.hlc = hlc
-        self.scopes: dict[str, LwwMap] = {}
-        self.streams: dict[str, EventStream] = {}
-        self.inbox: dict[tuple[str, str], InboundStream] = {}
-
-    def scope(self, name: str) -> LwwMap:
-        """The map of scope ``name``, created empty on first use."""
-        m = self.scopes.get(name)
-        if m is None:
-            m = self.scopes[name] = LwwMap()
-        return m
-
-    def set(self, scope: str, key: str, value: Any) -> LwwMap:
-        """Write ``key = value`` in ``scope`` now; return the delta."""
-        return self.scope(scope).set(key, value, ts=self.hlc.now(), origin=self.replica_id)
-
-    def delete(self, scope: str, key: str) -> LwwMap:
-        """Delete ``key`` from ``scope`` now; return the delta."""
-        return self.scope(scope).delete(key, ts=self.hlc.now(), origin=self.replica_id)
-
-    def stream(self, name: str, capacity: int = 10_000) -> EventStream:
-        """The outbound stream ``name``, created on first use."""
-        s = self.streams.get(name)
-        if s is None:
-            s = self.streams[name] = EventStream(name, capacity)
-        return s
-
-
 @dataclass
 class SessionStats:
     """Counters of one session (for metrics)."""
@@ -214,6 +134,8 @@ class SessionStats:
     snapshots_sent: int = 0
     overflows: int = 0
     deltas_applied: int = 0
+    oversize: int = 0
+    """Entries or events too large for any envelope (not sent; logged)."""
 
 
 _Apply = Callable[[], tuple[list[bytes], bool]]
@@ -271,13 +193,17 @@ class SyncSession:
         bd_seq: birth/death sequence number, persisted by the caller.
         session_id: defaults to a random UUID (pass one for determinism).
         max_batch: most LWW entries or events per envelope.
+        max_body_bytes: a batch whose packed body exceeds this is cut in
+            smaller ones; the default leaves room under the 256 KiB envelope cap.
         max_unacked: most reliable messages awaiting an ack.
         resend_initial_ms: first resend timeout.
         resend_max_ms: cap of the doubling resend timeout.
         gap_timeout_ms: how long a seq gap may stay open before a new HELLO.
         on_change: called as ``on_change(scope, entries)`` with the wire entries
-            of every applied DELTAS batch (a relay forwards them), and as
-            ``on_change(scope, None)`` after a snapshot was merged.
+            of every applied DELTAS batch and of every snapshot chunk that
+            only brought entries (a relay forwards them), and as
+            ``on_change(scope, None)`` after a snapshot chunk that may have
+            removed entries was merged.
     """
 
     def __init__(
@@ -293,6 +219,7 @@ class SyncSession:
         bd_seq: int = 0,
         session_id: str | None = None,
         max_batch: int = 500,
+        max_body_bytes: int = 200 * 1024,
         max_unacked: int = 256,
         resend_initial_ms: int = 1_000,
         resend_max_ms: int = 60_000,
@@ -308,7 +235,10 @@ class SyncSession:
         self.streams: set[str] = set(streams)
         self.bd_seq = bd_seq
         self.session_id = session_id or uuid.uuid4().hex
+        if max_batch < 1 or max_body_bytes < 1:
+            raise ValueError("max_batch and max_body_bytes must be >= 1")
         self.max_batch = max_batch
+        self.max_body_bytes = max_body_bytes
         self.max_unacked = max_unacked
         self.resend_initial_ms = resend_initial_ms
         self.resend_max_ms = resend_max_ms
@@ -369,16 +299,7 @@ class SyncSession:
         known = self.peer_vv.get(scope)
         if known is not None:
             entries = [e for e in entries if (e[2], e[3]) not in known]
-        out: list[bytes] = []
-        for i in range(0, len(entries), self.max_batch):
-            body = {
-                "s": self.session_id,
-                "sc": scope,
-                "d": entries[i : i + self.max_batch],
-                "c": None,
-            }
-            out += self._reliable(DELTAS, body, droppable=True)
-        return out
+        return self._send_deltas(scope, plan_chunks(entries, [], self.max_batch))
 
     def tick(self) -> list[bytes]:
         """Do what time asks: resends, HELLO retries, gap handling, event upload."""
@@ -463,20 +384,28 @@ class SyncSession:
     def _jitter(self, ms: int) -> int:
         return ms + int(ms * 0.25 * self._rng.random())
 
-    def _envelope(self, type_: str, body: dict[str, Any]) -> tuple[int, bytes]:
-        self._seq += 1
-        self.stats.sent += 1
+    def _envelope(self, type_: str, body: dict[str, Any] | bytes) -> tuple[int, bytes]:
+        """Sign and encode; the seq is used up only if encoding succeeds.
+
+        Raises:
+            OversizeError: the envelope would exceed the size cap.
+        """
+        seq = self._seq + 1
         data = encode_envelope(
             type_,
             self.replica.replica_id,
-            self._seq,
+            seq,
             self.replica.hlc.now(),
-            packb(body),
+            body if isinstance(body, bytes) else packb(body),
             self._signer,
         )
-        return self._seq, data
+        self._seq = seq
+        self.stats.sent += 1
+        return seq, data
 
-    def _reliable(self, type_: str, body: dict[str, Any], *, droppable: bool) -> list[bytes]:
+    def _reliable(
+        self, type_: str, body: bytes, scope: str | None, *, droppable: bool
+    ) -> list[bytes]:
         if len(self._unacked) >= self.max_unacked:
             self.stats.overflows += 1
             if droppable:
@@ -485,15 +414,30 @@ class SyncSession:
                 self._resync = True
                 log.debug("outbound queue to %s full: %s dropped", self.peer_id, type_)
                 return []
-        seq, data = self._envelope(type_, body)
+        try:
+            seq, data = self._envelope(type_, body)
+        except OversizeError as exc:
+            # Only a batch of one entry or event gets here (larger ones were
+            # cut): it can never be sent under this cap. Counted and logged;
+            # the peer keeps lacking it.
+            self.stats.oversize += 1
+            log.warning("%s to %s not sent: %s", type_, self.peer_id, exc)
+            return []
         now = self._clock.now_ms()
         self._unacked[seq] = _Pending(
-            data,
-            now + self._jitter(self.resend_initial_ms),
-            self.resend_initial_ms,
-            body.get("sc"),
+            data, now + self._jitter(self.resend_initial_ms), self.resend_initial_ms, scope
         )
         return [data]
+
+    def _send_deltas(self, scope: str, chunks: list[Chunk]) -> list[bytes]:
+        def build(chunk: Chunk) -> bytes:
+            ctx = chunk.ctx.to_wire() if chunk.ctx else None
+            return packb({"s": self.session_id, "sc": scope, "d": chunk.entries, "c": ctx})
+
+        out: list[bytes] = []
+        for _, body in pack_chunks(chunks, build, self.max_body_bytes):
+            out += self._reliable(DELTAS, body, scope, droppable=True)
+        return out
 
     def _hello(self, *, reply: bool, backoff: bool = False) -> list[bytes]:
         self._resync = False
@@ -535,31 +479,41 @@ class SyncSession:
     def _catch_up(self, scope: str, claimed: VersionVector) -> list[bytes]:
         state = self.replica.scope(scope)
         if state.needs_snapshot(claimed):
-            self.stats.snapshots_sent += 1
-            log.debug(
-                "peer %s is behind the tombstone horizon of %s: snapshot", self.peer_id, scope
-            )
-            snap: dict[str, Any] = {"s": self.session_id, "sc": scope, "st": state.to_wire()}
-            return self._reliable(SNAPSHOT, snap, droppable=True)
+            return self._snapshot(scope, state, claimed)
         entries = state.entries_wire(claimed)
-        sent = VersionVector()
-        for e in entries:
-            sent.add_counter(e[2], e[3])
         # Dots the peer lacks whose writes were superseded: they ride with the
-        # last batch, never with a dot whose entry is still on its way.
-        covered = state.context.difference(claimed).difference(sent)
-        ctx = covered.to_wire() if covered else None
+        # last batch (or after it), never with a dot whose entry is still on
+        # its way.
+        covered = state.context.difference(claimed).difference(entry_dots(entries))
+        pieces = split_vector(covered, max_bytes=self.max_body_bytes // 2)
+        return self._send_deltas(scope, plan_chunks(entries, pieces, self.max_batch))
+
+    def _snapshot(self, scope: str, state: LwwMap, claimed: VersionVector) -> list[bytes]:
+        """Send ``state`` as SNAPSHOT chunks (see "Snapshot chunks" above)."""
+        self.stats.snapshots_sent += 1
+        log.debug("peer %s is behind the tombstone horizon of %s: snapshot", self.peer_id, scope)
+        # Dots seen here with no entry held: claimable by any chunk, since no
+        # chunk holds an entry for them. The dot of an entry is claimed only by
+        # the chunk carrying it, and entries the peer has seen are not resent
+        # (its join would skip them anyway).
+        held = VersionVector()
+        for _, (_, origin, counter, _, _) in state.entries():
+            held.add_counter(origin, counter)
+        superseded = state.context.difference(held)
+        pieces = split_vector(superseded, max_bytes=self.max_body_bytes // 2)
+        chunks = plan_chunks(state.entries_wire(claimed), pieces, self.max_batch, tail=True)
+        horizon = state.horizon.to_wire()
+
+        def build(chunk: Chunk) -> bytes:
+            ctx = entry_dots(chunk.entries)
+            if chunk.ctx:
+                ctx.merge(chunk.ctx)
+            st = {"e": chunk.entries, "c": ctx.to_wire(), "h": horizon if chunk.last else {}}
+            return packb({"s": self.session_id, "sc": scope, "st": st})
+
         out: list[bytes] = []
-        n = len(entries)
-        for i in range(0, max(n, 1 if ctx else 0), self.max_batch):
-            last = i + self.max_batch >= n
-            body: dict[str, Any] = {
-                "s": self.session_id,
-                "sc": scope,
-                "d": entries[i : i + self.max_batch],
-                "c": ctx if last else None,
-            }
-            out += self._reliable(DELTAS, body, droppable=True)
+        for _, body in pack_chunks(chunks, build, self.max_body_bytes):
+            out += self._reliable(SNAPSHOT, body, scope, droppable=True)
         return out
 
     def _upload_events(self) -> list[bytes]:
@@ -572,16 +526,23 @@ class SyncSession:
                 start, items = stream.read(self._sent_upto.get(name, 1), self.max_batch)
                 if not items:
                     break
-                body = {
-                    "s": self.session_id,
-                    "st": name,
-                    "from": start,
-                    "first": stream.first_seq,
-                    "items": items,
-                }
-                out += self._reliable(EVENTS, body, droppable=False)
+                body = self._events_body(name, start, stream.first_seq, items)
+                while len(body) > self.max_body_bytes and len(items) > 1:
+                    items = items[: len(items) // 2]
+                    body = self._events_body(name, start, stream.first_seq, items)
+                sent = self._reliable(EVENTS, body, None, droppable=False)
+                if not sent:
+                    # One event too large for any envelope (counted, logged):
+                    # the stream stalls here rather than lose it silently.
+                    break
+                out += sent
                 self._sent_upto[name] = start + len(items)
         return out
+
+    def _events_body(self, name: str, start: int, first: int, items: list[Any]) -> bytes:
+        return packb(
+            {"s": self.session_id, "st": name, "from": start, "first": first, "items": items}
+        )
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -701,14 +662,27 @@ class SyncSession:
         if scope not in self.scopes:
             raise ProtocolError(f"SNAPSHOT for scope {scope!r} not synced with {self.peer_id!r}")
         snap = LwwMap.from_wire(body["st"])
+        entries: list[list[Any]] = body["st"]["e"]  # validated by from_wire
         max_ts = snap.max_ts
         self.replica.hlc.check(max_ts)
+        # A chunk claiming only its own entries' dots cannot make the causal
+        # join drop anything (a dot names one write of one key): merging it is
+        # a plain delta merge, without the scan of the whole local map.
+        additive = snap.context == entry_dots(entries)
 
         def apply() -> tuple[list[bytes], bool]:
             self.replica.hlc.update(max_ts)
-            self.replica.scope(scope).merge_state(snap)
-            if self.on_change is not None:
-                self.on_change(scope, None)
+            state = self.replica.scope(scope)
+            if additive:
+                n = state.apply_entries(entries, None)
+                state.horizon.merge(snap.horizon)
+                self.stats.deltas_applied += n
+                if n and self.on_change is not None:
+                    self.on_change(scope, entries)
+            else:
+                state.merge_state(snap)
+                if self.on_change is not None:
+                    self.on_change(scope, None)
             return [], True
 
         return apply

@@ -438,3 +438,199 @@ def test_stale_bdseq_hello_refused() -> None:
     old = _forge("HELLO", {"s": "old", "bd": 2, "r": True, "ps": None, "vv": {}, "ev": {}})
     with pytest.raises(ProtocolError, match="stale bdSeq"):
         sa.receive(old)
+
+
+# -- size cap: chunked snapshots and batches ------------------------------------------
+
+
+class RecordingNetwork(LossyNetwork):
+    """A lossy network that also records ``(src, dst, type, size)`` of every send."""
+
+    def __init__(self, seed: int, **kw: Any) -> None:
+        super().__init__(seed, **kw)
+        self.log: list[tuple[str, str, str, int]] = []
+
+    def send(self, src: str, dst: str, data: bytes) -> None:
+        self.log.append((src, dst, decode_envelope_unverified(data).type, len(data)))
+        super().send(src, dst, data)
+
+
+def test_big_scope_snapshot_is_chunked_over_lossy_network_without_resurrection() -> None:
+    clock = ManualClock()
+    net = RecordingNetwork(7)
+    nodes = {n: Node(n, clock) for n in ("hub", "agent", "agent2")}
+    hub = nodes["hub"]
+    value = "x" * 100
+    for i in range(2_000):  # written before any session: sent by catch-up batches
+        hub.replica.set(SCOPE, f"k{i:05d}", value)
+    for a in ("agent", "agent2"):
+        net.send_all("hub", a, hub.connect(a, clock, net).start())
+        net.send_all(a, "hub", nodes[a].connect("hub", clock, net).start())
+    settle(nodes, net, clock)
+    assert len(nodes["agent2"].replica.scope(SCOPE)) == 2_000
+
+    # agent2 goes away. The hub writes 18,000 more keys, deletes 3,000 (old and
+    # new) and overwrites 1,000; the agent catches up and acks; the hub collects
+    # the tombstones without agent2.
+    net.partition(["agent2"], ["hub", "agent"])
+    for i in range(2_000, 20_000):
+        hub.replica.set(SCOPE, f"k{i:05d}", value)
+    deleted = {f"k{i:05d}" for i in range(0, 15_000, 5)}
+    for key in sorted(deleted):
+        hub.replica.delete(SCOPE, key)
+    for i in range(1, 5_000, 5):
+        hub.write(net, f"k{i:05d}", "new")
+    b = nodes["agent2"]
+    b.write(net, "offline", "made while away")
+    clock.advance(10)
+    b.write(net, "k00000", "rewritten after the delete")  # newer than the hub's delete
+    hub_map = hub.replica.scope(SCOPE)
+    to_agent = hub.sessions["agent"]
+    for _ in range(100):
+        pump(nodes, net, clock, 200)
+        if to_agent.peer_vv[SCOPE].dominates(hub_map.context):
+            break
+    acked = [to_agent.peer_vv[SCOPE]]
+    assert hub_map.collect_tombstones(causally_stable(hub_map.context, acked)) == len(deleted)
+
+    # agent2 comes back with new sessions, over a network losing and duplicating
+    # 20% of the messages.
+    net.heal()
+    net.loss = net.duplicate = 0.2
+    start = len(net.log)
+    s_hub = hub.connect("agent2", clock, net, bd=1)
+    s_b = b.connect("hub", clock, net, bd=1)
+    net.send_all("agent2", "hub", s_b.start())
+    net.send_all("hub", "agent2", s_hub.start())
+    for _ in range(30):
+        pump(nodes, net, clock, 200)
+    settle(nodes, net, clock)
+
+    assert s_hub.stats.snapshots_sent >= 1
+    snapshots = [
+        n for src, dst, t, n in net.log[start:] if (src, dst, t) == ("hub", "agent2", "SNAPSHOT")
+    ]
+    assert len(snapshots) > 10  # ~3 MB of state: many chunks, each under the cap
+    assert max(size for *_, size in net.log) <= 256 * 1024
+    assert converged(nodes)
+    for n in nodes.values():
+        m = n.replica.scope(SCOPE)
+        back = deleted.intersection(m.keys()) - {"k00000"}
+        assert not back, (n.name, sorted(back)[:5])
+        assert m.get("k00000") == "rewritten after the delete", n.name
+        assert m.get("offline") == "made while away", n.name
+        assert m.get("k00001") == "new", n.name
+        assert m.get("k00002") == value, n.name
+        assert len(m) == 20_000 - len(deleted) + 2, n.name
+
+
+def _diverged(seed: int) -> tuple[Replica, Replica, ManualClock]:
+    """A hub and an away replica sharing a history, then diverging; the hub
+    collected every tombstone (so the away replica needs a snapshot)."""
+    rng = random.Random(seed)
+    clock = ManualClock()
+    hub = Replica("hub", HybridLogicalClock(clock))
+    away = Replica("agent2", HybridLogicalClock(clock))
+    for i in range(rng.randrange(1, 30)):
+        clock.advance(rng.randrange(3))
+        key = f"k{rng.randrange(12)}"
+        (hub.delete(SCOPE, key) if rng.random() < 0.3 else hub.set(SCOPE, key, i))
+    away.scope(SCOPE).merge_state(hub.scope(SCOPE))
+    for i in range(rng.randrange(30)):
+        clock.advance(rng.randrange(3))
+        writer = hub if rng.random() < 0.7 else away
+        key = f"k{rng.randrange(16)}"
+        if rng.random() < 0.4:
+            writer.delete(SCOPE, key)
+        else:
+            writer.set(SCOPE, key, 100 + i)
+    # At least one tombstone the away replica lacks, collected: a snapshot is due.
+    hub.delete(SCOPE, hub.scope(SCOPE).keys()[0] if hub.scope(SCOPE).keys() else "k0")
+    hub_map = hub.scope(SCOPE)
+    assert hub_map.collect_tombstones(hub_map.context.copy()) >= 1
+    return hub, away, clock
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 4))
+def test_snapshot_chunks_in_any_order_equal_the_full_state_join(seed: int, batch: int) -> None:
+    hub, away, clock = _diverged(seed)
+    expected = away.scope(SCOPE).join(hub.scope(SCOPE))
+    sh = SyncSession(
+        hub, "agent2", SIGNERS["hub"], ring_for("agent2"), clock, session_id="h", max_batch=batch
+    )
+    sa = SyncSession(away, "hub", SIGNERS["agent2"], ring_for("hub"), clock, session_id="a")
+    out = [m for h in sa.start() for m in sh.receive(h)]
+    chunks = [m for m in out if decode_envelope_unverified(m).type == "SNAPSHOT"]
+    assert chunks
+    rng = random.Random(seed)
+    deliveries = chunks + rng.sample(chunks, rng.randrange(len(chunks) + 1))
+    rng.shuffle(deliveries)
+    allowed = set(expected.keys()) | set(away.scope(SCOPE).keys())
+    for m in deliveries:
+        sa.receive(m)
+        # No prefix of the deliveries brings a key the full join would not
+        # have: a chunk never revives what the hub deleted.
+        assert set(away.scope(SCOPE).keys()) <= allowed
+    assert away.scope(SCOPE) == expected
+
+
+def pair_loaded(keys: int, value: Any, **kw: Any) -> tuple[SyncSession, SyncSession, list[bytes]]:
+    """A confirmed pair whose hub then got ``keys`` writes; returns the catch-up."""
+    sa, sh, _ = pair(**kw)
+    for i in range(keys):
+        sh.replica.set(SCOPE, f"k{i:05d}", value)
+    # A re-HELLO from the agent makes the hub send what it lacks.
+    out = [r for h in sa.start() for r in sh.receive(h)]
+    return sa, sh, out
+
+
+def test_deltas_batch_cut_by_bytes_not_only_by_count() -> None:
+    # 500 entries of 1 KiB values pack to ~520 KiB: max_batch alone would overflow.
+    sa, sh, out = pair_loaded(1_200, "v" * 1024)
+    deltas = [m for m in out if decode_envelope_unverified(m).type == "DELTAS"]
+    assert len(deltas) > 1_200 // 500 + 1
+    assert all(len(m) <= 200 * 1024 + 1024 for m in deltas)
+    exchange(sa, sh, out)
+    assert sa.replica.scope(SCOPE).to_dict() == sh.replica.scope(SCOPE).to_dict()
+    # A forwarded batch goes through the same cut.
+    fwd = sh.send_entries(SCOPE, sh.replica.scope(SCOPE).entries_wire())
+    assert fwd == []  # the peer has acknowledged everything
+    sh.peer_vv.clear()
+    fwd = sh.send_entries(SCOPE, sh.replica.scope(SCOPE).entries_wire())
+    assert len(fwd) > 3
+    assert all(len(m) <= 200 * 1024 + 1024 for m in fwd)
+
+
+def test_entry_too_large_for_any_envelope_is_counted_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sa, sh, _ = pair()
+    delta = sh.replica.set(SCOPE, "huge", "v" * (300 * 1024))
+    with caplog.at_level("WARNING", logger="sync.protocol"):
+        assert sh.local_update(SCOPE, delta) == []
+    assert sh.stats.oversize == 1
+    assert "not sent" in caplog.text
+    # The session goes on: the next write is sent with the next seq, no gap.
+    (msg,) = sh.local_update(SCOPE, sh.replica.set(SCOPE, "small", 1))
+    sa.receive(msg)
+    assert sa.replica.scope(SCOPE).get("small") == 1
+    assert sa.stats.gaps == 0
+    assert sa._gap_since is None
+
+
+def test_events_batch_shrinks_to_fit() -> None:
+    clock = ManualClock()
+    net = LossyNetwork(0)
+    a, h = Node("agent", clock), Node("hub", clock)
+    stream = a.replica.stream("events", capacity=100)
+    sa = a.connect("hub", clock, net, streams=["events"])
+    sh = h.connect("agent", clock, net)
+    for i in range(12):
+        stream.append({"n": i, "blob": b"\0" * 60_000})
+    out = sa.start() + sa.tick()
+    events = [m for m in out if decode_envelope_unverified(m).type == "EVENTS"]
+    assert len(events) >= 4  # 720 KB of events: at most 3 per 200 KiB body
+    assert all(len(m) <= 200 * 1024 + 1024 for m in events)
+    exchange(sa, sh, out)
+    assert [e["n"] for e in h.replica.inbox["agent", "events"].items] == list(range(12))
