@@ -59,6 +59,7 @@ from sync.protocol import (
     SessionStats,
     SyncSession,
 )
+from sync.signed import EntryVerifier, sign_value, signed_write, unwrap, verify_entry
 from sync.topics import (
     MAX_ID_LEN,
     TOPIC_PREFIX,
@@ -86,6 +87,7 @@ __all__ = [
     "DecodeLimits",
     "Dot",
     "EVENTS",
+    "EntryVerifier",
     "Envelope",
     "EventStream",
     "HELLO",
@@ -134,9 +136,13 @@ __all__ = [
     "region_state_filter",
     "region_uplink_filter",
     "save_private_key",
+    "sign_value",
+    "signed_write",
     "unpack_ts",
     "unpackb_strict",
+    "unwrap",
     "validate_entries",
     "validate_id",
+    "verify_entry",
     "verify_envelope",
 ]

@@ -204,6 +204,9 @@ class SyncSession:
             only brought entries (a relay forwards them), and as
             ``on_change(scope, None)`` after a snapshot chunk that may have
             removed entries was merged.
+        validate: called as ``validate(scope, entries)`` before a DELTAS batch
+            or SNAPSHOT chunk is applied; raising refuses the whole message
+            with nothing changed (see :class:`sync.signed.EntryVerifier`).
     """
 
     def __init__(
@@ -225,6 +228,7 @@ class SyncSession:
         resend_max_ms: int = 60_000,
         gap_timeout_ms: int = 5_000,
         on_change: Callable[[str, list[list[Any]] | None], None] | None = None,
+        validate: Callable[[str, list[list[Any]]], None] | None = None,
     ) -> None:
         self.replica = replica
         self.peer_id = peer_id
@@ -244,6 +248,7 @@ class SyncSession:
         self.resend_max_ms = resend_max_ms
         self.gap_timeout_ms = gap_timeout_ms
         self.on_change = on_change
+        self.validate = validate
         self.stats = SessionStats()
         self._rng = random.Random(self.session_id)
         self._seq = 0
@@ -644,6 +649,8 @@ class SyncSession:
         if entries:
             self.replica.hlc.check(max_ts)
         validate_entries(entries)
+        if self.validate is not None:
+            self.validate(scope, entries)
 
         def apply() -> tuple[list[bytes], bool]:
             if entries:
@@ -665,6 +672,8 @@ class SyncSession:
         entries: list[list[Any]] = body["st"]["e"]  # validated by from_wire
         max_ts = snap.max_ts
         self.replica.hlc.check(max_ts)
+        if self.validate is not None:
+            self.validate(scope, entries)
         # A chunk claiming only its own entries' dots cannot make the causal
         # join drop anything (a dot names one write of one key): merging it is
         # a plain delta merge, without the scan of the whole local map.
