@@ -255,6 +255,8 @@ class EnrollResponse(_Frozen):
     relays: tuple[RelayUrl, ...] = Field(min_length=1, max_length=32)
     mqtt: MqttAccount
     hub_public_key: PublicKeyB64
+    relay_public_keys: tuple[PublicKeyB64, ...] = ()
+    """Keys of the region's relays, the agent's sync peers (may be rotated later)."""
 
     @field_validator("relays")
     @classmethod

@@ -27,7 +27,7 @@ from edge_agent.control import ControlServer
 from edge_agent.drivers import WorkloadDriver
 from edge_agent.identity import load_or_create_device_key
 from edge_agent.journal import EventIn, Journal
-from edge_agent.state import OVERRIDE, REPORTED, DeviceState, device_scope
+from edge_agent.state import OVERRIDE, REPORTED, DeviceState, device_scope, is_signed_scope
 from edge_agent.supervisor import Supervisor
 from edge_agent.sysmetrics import CpuSampler, sample_device_metrics
 from firmware_profiles import FirmwareProfile, load_profile
@@ -36,10 +36,18 @@ from sync.hlc import Clock, HybridLogicalClock, SystemClock
 from sync.keys import KeyRing
 from sync.models import WorkloadPhase, WorkloadStatus
 from sync.protocol import Replica, SyncSession
+from sync.signed import EntryVerifier
 
 log = logging.getLogger(__name__)
 
 EVENTS_STREAM = "events"
+
+
+def relay_peer_id(region: str) -> str:
+    """The sync peer id an agent expects: every relay of its region signs as it."""
+    return f"relay.{region}"
+
+
 METRICS_STREAM = "metrics"
 STREAM_WINDOW = 20_000
 
@@ -71,7 +79,7 @@ class Agent:
         self.started_at = time.monotonic()
         self._stack = AsyncExitStack()
         self._tg: asyncio.TaskGroup | None = None
-        self._changed: set[str] | None = set()
+        self._changed: dict[str, set[str] | None] = {}
         self.journal: Journal
         self.state: DeviceState
         self.supervisor: Supervisor
@@ -111,7 +119,14 @@ class Agent:
             )
         self.signer = await asyncio.to_thread(load_or_create_device_key, cfg.key_path)
         self.replica = Replica(cfg.device_id, HybridLogicalClock(self.clock))
-        self.state = DeviceState(self.replica, self.journal, cfg.device_id)
+        hub_key = await asyncio.to_thread(self._hub_key)
+        self.hub_keys: KeyRing | None = None
+        self._hub_key_bytes = b""
+        if hub_key is not None:
+            self.hub_keys = KeyRing()
+            self.hub_keys.add(hub_key)
+            self._hub_key_bytes = hub_key
+        self.state = DeviceState(self.replica, self.journal, cfg.device_id, self.hub_keys)
         keys = await self.state.load()
         await self._restore_streams()
         log.info(
@@ -128,11 +143,10 @@ class Agent:
         self._tg.create_task(self.supervisor.run(), name="supervisor")
         await self._stack.enter_async_context(ControlServer(cfg.control_socket, self))
         self._tg.create_task(self._metrics_loop(), name="metrics")
-        hub_key = self._hub_key()
-        if hub_key is None:
+        if self.hub_keys is None:
             log.warning("not enrolled (no hub key in %s): running offline only", cfg.data_dir)
         else:
-            self._start_link(hub_key)
+            self._start_link(self.hub_keys)
 
     async def _cancel_tasks(self) -> None:
         if self._tg is not None:
@@ -171,11 +185,15 @@ class Agent:
         except NotEnrolledError:
             return None
 
-    def _start_link(self, hub_key: bytes) -> None:
+    def _start_link(self, hub_keys: KeyRing) -> None:
+        from edge_agent.enroll import load_relay_public_keys  # noqa: PLC0415
         from edge_agent.link import UpstreamLink  # noqa: PLC0415
 
+        # Envelopes come from the region's relays (or the hub itself); desired
+        # entries inside them must carry the hub's own signature as well.
         keyring = KeyRing()
-        keyring.add(hub_key)
+        for key in [*load_relay_public_keys(self.config.data_dir), self._hub_key_bytes]:
+            keyring.add(key)
         self.link = UpstreamLink(
             self.config,
             self.replica,
@@ -183,10 +201,12 @@ class Agent:
             keyring,
             self.clock,
             bd_seq=self.journal.bd_seq,
-            scope=self.state.scope_name,
+            scopes=self.state.scopes,
             streams=(EVENTS_STREAM, METRICS_STREAM),
             on_change=self._on_remote_change,
             after_receive=self._after_receive,
+            validate=EntryVerifier(hub_keys, is_signed_scope),
+            peer_id=relay_peer_id(self.config.region),
         )
         assert self._tg is not None
         self._tg.create_task(self.link.run(), name="link")
@@ -242,17 +262,20 @@ class Agent:
     # -- sync callbacks -------------------------------------------------------------------
 
     def _on_remote_change(self, scope: str, entries: list[list[Any]] | None) -> None:
-        if scope != self.state.scope_name:
+        if scope not in self.state.scopes:
             return
         if entries is None:
-            self._changed = None  # a snapshot: persist everything
-        elif self._changed is not None:
-            self._changed.update(e[0] for e in entries)
+            self._changed[scope] = None  # a snapshot chunk: persist everything
+        else:
+            keys = self._changed.setdefault(scope, set())
+            if keys is not None:
+                keys.update(e[0] for e in entries)
 
     async def _after_receive(self, session: SyncSession) -> None:
-        changed, self._changed = self._changed, set()
-        if changed is None or changed:
-            await self.state.persist_remote(changed)
+        changed, self._changed = self._changed, {}
+        for scope, keys in changed.items():
+            await self.state.persist_remote(scope, keys)
+        if changed:
             self.supervisor.notify()
         # Release what upstream has acknowledged at the application level.
         peer = session.peer_vv.get(self.state.scope_name)
@@ -354,4 +377,11 @@ async def run_agent(
     return 0
 
 
-__all__ = ["EVENTS_STREAM", "METRICS_STREAM", "Agent", "device_scope", "run_agent"]
+__all__ = [
+    "EVENTS_STREAM",
+    "METRICS_STREAM",
+    "Agent",
+    "device_scope",
+    "relay_peer_id",
+    "run_agent",
+]

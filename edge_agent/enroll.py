@@ -109,6 +109,7 @@ __all__ = [
     "Enrollment",
     "EnrollmentCorruptError",
     "HUB_KEY_FILE",
+    "RELAY_KEYS_FILE",
     "HubRejectedError",
     "HubResponseError",
     "HubUnreachableError",
@@ -124,6 +125,7 @@ __all__ = [
     "gather_facts",
     "load_enrollment",
     "load_hub_public_key",
+    "load_relay_public_keys",
     "map_arch",
     "parse_answer",
     "post_enrollment",
@@ -134,6 +136,7 @@ logger = logging.getLogger(__name__)
 
 ENROLLMENT_FILE: Final = "enrollment.json"
 HUB_KEY_FILE: Final = "hub.pub"
+RELAY_KEYS_FILE: Final = "relays.pub"
 PASSWORD_FILE: Final = "mqtt.password"
 
 _MAX_ANSWER_BYTES: Final = 64 * 1024
@@ -377,6 +380,8 @@ def save_enrollment(data_dir: Path, enrollment: Enrollment) -> Path:
     document = enrollment.to_json()
     try:
         _write_atomic(data_dir / HUB_KEY_FILE, f"{enrollment.hub_public_key}\n".encode(), 0o644)
+        relay_keys = "".join(f"{k}\n" for k in enrollment.relay_public_keys)
+        _write_atomic(data_dir / RELAY_KEYS_FILE, relay_keys.encode(), 0o644)
         password = enrollment.mqtt.password.get_secret_value()
         _write_atomic(data_dir / PASSWORD_FILE, f"{password}\n".encode())
         _write_atomic(path, json.dumps(document, indent=2).encode() + b"\n")
@@ -437,6 +442,28 @@ def load_hub_public_key(data_dir: str | os.PathLike[str]) -> bytes:
         raise EnrollmentCorruptError(path, f"cannot read: {exc}") from exc
     try:
         return decode_public_key(text)
+    except ValueError as exc:
+        raise EnrollmentCorruptError(path, str(exc)) from exc
+
+
+def load_relay_public_keys(data_dir: str | os.PathLike[str]) -> list[bytes]:
+    """Read the region's relay keys from ``<data_dir>/relays.pub`` (one per line). Blocking.
+
+    Returns:
+        The raw 32-byte keys; empty when the file is missing.
+
+    Raises:
+        EnrollmentCorruptError: the file is unreadable or holds a bad key.
+    """
+    path = Path(data_dir) / RELAY_KEYS_FILE
+    try:
+        lines = path.read_text(encoding="ascii").split()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EnrollmentCorruptError(path, f"cannot read: {exc}") from exc
+    try:
+        return [decode_public_key(line) for line in lines]
     except ValueError as exc:
         raise EnrollmentCorruptError(path, str(exc)) from exc
 

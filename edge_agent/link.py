@@ -65,11 +65,12 @@ class UpstreamLink:
         keyring: keys trusted for the peer (the hub's).
         clock: wall clock for the protocol.
         bd_seq: birth/death sequence persisted in the journal.
-        scope: the device scope to sync.
+        scopes: the scopes to sync.
         streams: outbound event streams.
         after_receive: awaited after each inbound message was processed, with
             the session (the agent persists merged state and acks there).
-        peer_id: the sync peer's id (the hub signs desired state).
+        validate: the session's entry check (hub signatures on desired state).
+        peer_id: the sync peer's id (``relay.<region>``).
     """
 
     def __init__(
@@ -81,11 +82,12 @@ class UpstreamLink:
         clock: Clock,
         *,
         bd_seq: int,
-        scope: str,
+        scopes: tuple[str, ...],
         streams: tuple[str, ...],
         on_change: Callable[[str, list[list[Any]] | None], None],
         after_receive: Callable[[SyncSession], Awaitable[None]],
-        peer_id: str = "hub",
+        validate: Callable[[str, list[list[Any]]], None] | None,
+        peer_id: str,
     ) -> None:
         self._config = config
         self._replica = replica
@@ -93,7 +95,8 @@ class UpstreamLink:
         self._keyring = keyring
         self._clock = clock
         self._bd_base = bd_seq
-        self._scope = scope
+        self._scopes = scopes
+        self._validate = validate
         self._streams = streams
         self._on_change = on_change
         self._after_receive = after_receive
@@ -194,11 +197,12 @@ class UpstreamLink:
                 self._signer,
                 self._keyring,
                 self._clock,
-                scopes=[self._scope],
+                scopes=self._scopes,
                 streams=self._streams,
                 bd_seq=bd_seq,
                 max_batch=cfg.link.batch_max,
                 on_change=self._on_change,
+                validate=self._validate,
             )
             self.session = session
             while not self._outbox.empty():  # stale output of the previous session

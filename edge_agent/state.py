@@ -1,10 +1,11 @@
-"""The agent's synced state: one CRDT scope, durable in the journal.
+"""The agent's synced state: two CRDT scopes, durable in the journal.
 
-The device's scope ``device/<id>`` holds, by key prefix:
-
-* ``desired/<name>``  — workload specs written by the hub (hub-signed);
-* ``override/<name>`` — local stop/start overrides, written here;
-* ``reported/<name>`` — workload status, written here.
+* ``desired/<id>``: one key per workload, the spec the hub wants here. Only the
+  hub writes it, and every entry carries the hub's own signature
+  (:mod:`sync.signed`), checked on receipt and again when read, so no relay in
+  between can add, change or remove a workload.
+* ``device/<id>``: written here. ``override/<name>`` holds local stop/start
+  overrides and ``reported/<name>`` the workload status.
 
 Every write to the in-memory :class:`~sync.crdt.LwwMap` is persisted before it
 counts: local writes go to the journal as state plus an outbound delta (kept
@@ -23,21 +24,33 @@ from pydantic import ValidationError
 
 from edge_agent.journal import Delta, Journal, StateEntry
 from edge_agent.supervisor import OverrideAction, RejectedSpec
+from sync._exceptions import SignatureError
 from sync.crdt import LwwMap
 from sync.envelope import packb, unpackb_strict
+from sync.keys import KeyRing
 from sync.models import WorkloadSpec
 from sync.protocol import Replica
+from sync.signed import verify_entry
 
 log = logging.getLogger(__name__)
 
-DESIRED = "desired/"
 OVERRIDE = "override/"
 REPORTED = "reported/"
 
 
 def device_scope(device_id: str) -> str:
-    """The scope name of a device."""
+    """The scope a device writes (overrides, reported status)."""
     return f"device/{device_id}"
+
+
+def desired_scope(device_id: str) -> str:
+    """The scope the hub writes for a device (signed desired workloads)."""
+    return f"desired/{device_id}"
+
+
+def is_signed_scope(scope: str) -> bool:
+    """Whether entries of ``scope`` must carry the hub's signature."""
+    return scope.startswith("desired/")
 
 
 def _entry_to_state(scope: str, wire: list[Any]) -> StateEntry:
@@ -54,18 +67,24 @@ def _entry_to_state(scope: str, wire: list[Any]) -> StateEntry:
 
 
 class DeviceState:
-    """The device scope, its persistence, and the views the supervisor reads.
+    """The device's scopes, their persistence, and the views the supervisor reads.
 
     Args:
         replica: the node's replica (shared with the sync sessions).
         journal: where every change is made durable.
-        device_id: this device's id (the scope is ``device/<id>``).
+        device_id: this device's id.
+        hub_keys: keys of the hub, which signs desired state (``None``: not
+            enrolled, so nothing desired is trusted).
     """
 
-    def __init__(self, replica: Replica, journal: Journal, device_id: str) -> None:
+    def __init__(
+        self, replica: Replica, journal: Journal, device_id: str, hub_keys: KeyRing | None
+    ) -> None:
         self.replica = replica
         self.journal = journal
+        self.hub_keys = hub_keys
         self.scope_name = device_scope(device_id)
+        self.desired_scope_name = desired_scope(device_id)
         self._desired_cache: dict[str, WorkloadSpec | RejectedSpec] | None = None
 
     @property
@@ -73,18 +92,27 @@ class DeviceState:
         """The in-memory map of the device scope."""
         return self.replica.scope(self.scope_name)
 
+    @property
+    def scopes(self) -> tuple[str, str]:
+        """The two scopes synced upstream."""
+        return (self.scope_name, self.desired_scope_name)
+
     async def load(self) -> int:
-        """Rebuild the scope from the journal; return the number of keys."""
-        rows = await self.journal.read_state(self.scope_name)
-        wire = [
-            [r.key, r.hlc, r.origin, r.counter, r.tombstone, unpackb_strict(r.value)] for r in rows
-        ]
-        self.scope.merge_batch(wire)
-        if rows:
-            # Never issue an HLC below what this replica already wrote.
-            self.replica.hlc.update(max(r.hlc for r in rows))
+        """Rebuild both scopes from the journal; return the number of keys."""
+        total = 0
+        for name in self.scopes:
+            rows = await self.journal.read_state(name)
+            wire = [
+                [r.key, r.hlc, r.origin, r.counter, r.tombstone, unpackb_strict(r.value)]
+                for r in rows
+            ]
+            self.replica.scope(name).merge_batch(wire)
+            if rows:
+                # Never issue an HLC below what was already written.
+                self.replica.hlc.update(max(r.hlc for r in rows))
+            total += len(rows)
         self._desired_cache = None
-        return len(rows)
+        return total
 
     async def write_local(self, key: str, value: Any | None) -> LwwMap:
         """Set (or with ``None`` delete) a key here; durable before returning."""
@@ -103,16 +131,16 @@ class DeviceState:
         self._desired_cache = None
         return delta
 
-    async def persist_remote(self, keys: Iterable[str] | None) -> None:
-        """Persist the current entries of ``keys`` (all keys for ``None``)."""
-        scope = self.scope
+    async def persist_remote(self, scope_name: str, keys: Iterable[str] | None) -> None:
+        """Persist the current entries of ``keys`` of a scope (all for ``None``)."""
+        scope = self.replica.scope(scope_name)
         if keys is None:
             wire = scope.entries_wire()
         else:
             wanted = set(keys)
             wire = [e for e in scope.entries_wire() if e[0] in wanted]
         if wire:
-            await self.journal.put_state([_entry_to_state(self.scope_name, w) for w in wire])
+            await self.journal.put_state([_entry_to_state(scope_name, w) for w in wire])
         self._desired_cache = None
 
     def desired(self) -> Mapping[str, WorkloadSpec | RejectedSpec]:
@@ -120,10 +148,19 @@ class DeviceState:
         if self._desired_cache is not None:
             return self._desired_cache
         out: dict[str, WorkloadSpec | RejectedSpec] = {}
-        for key, value in self.scope.items():
-            if not key.startswith(DESIRED) or value is None:
+        scope_name = self.desired_scope_name
+        for wire in self.replica.scope(scope_name).entries_wire():
+            name = wire[0]
+            if self.hub_keys is None:
+                out[name] = RejectedSpec(name, "not enrolled: no hub key to verify desired state")
                 continue
-            name = key[len(DESIRED) :]
+            try:
+                value = verify_entry(self.hub_keys, scope_name, wire)
+            except SignatureError as exc:
+                out[name] = RejectedSpec(name, f"desired state not signed by the hub: {exc}")
+                continue
+            if value is None:  # removed by the hub
+                continue
             try:
                 spec = WorkloadSpec.model_validate(value)
             except ValidationError as exc:

@@ -11,16 +11,18 @@ from typing import Any
 
 import aiomqtt
 
+from edge_agent.agent import relay_peer_id
 from edge_agent.config import AgentConfig
 from edge_agent.identity import load_or_create_device_key
 from edge_agent.journal import Journal
-from edge_agent.state import DeviceState, device_scope
+from edge_agent.state import DeviceState, desired_scope, device_scope
 from firmware_profiles import FirmwareProfile, load_profile
 from sync.crdt import LwwMap
 from sync.hlc import HybridLogicalClock, SystemClock
 from sync.keys import KeyRing, Signer
 from sync.models import WorkloadSpec
 from sync.protocol import Replica, SyncSession
+from sync.signed import signed_write
 from sync.topics import device_topic
 
 REGION = "eu-test"
@@ -52,35 +54,48 @@ def make_config(
     return AgentConfig.for_profile(data, profile), profile
 
 
-def enroll_offline(config: AgentConfig, hub: Signer) -> Signer:
-    """What `agent enroll` leaves on disk: the device key and the hub's public key."""
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode() + "\n"
+
+
+def enroll_offline(config: AgentConfig, hub: Signer, relay: Signer | None = None) -> Signer:
+    """What `agent enroll` leaves on disk: the device key, the hub's and relays' keys."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    (config.data_dir / "hub.pub").write_text(
-        base64.b64encode(hub.public_key_bytes).decode() + "\n", encoding="ascii"
-    )
+    (config.data_dir / "hub.pub").write_text(_b64(hub.public_key_bytes), encoding="ascii")
+    if relay is not None:
+        (config.data_dir / "relays.pub").write_text(_b64(relay.public_key_bytes), encoding="ascii")
     return load_or_create_device_key(config.key_path)
 
 
-async def seed_desired(config: AgentConfig, specs: Sequence[WorkloadSpec]) -> None:
-    """Write desired specs into the journal as an earlier hub sync would have left them."""
+async def seed_desired(config: AgentConfig, specs: Sequence[WorkloadSpec], hub: Signer) -> None:
+    """Write hub-signed desired specs into the journal, as an earlier sync would have."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     async with Journal.open(config.data_dir / "journal.db", quota_bytes=1 << 24) as journal:
         hub_replica = Replica("hub", HybridLogicalClock(SystemClock()))
-        state = DeviceState(hub_replica, journal, config.device_id)
+        state = DeviceState(hub_replica, journal, config.device_id, None)
         for spec in specs:
-            await state.write_local(f"desired/{spec.name}", spec.model_dump(mode="json"))
+            signed_write(
+                hub_replica, state.desired_scope_name, spec.name, spec.model_dump(mode="json"), hub
+            )
+        await state.persist_remote(state.desired_scope_name, None)
 
 
-class HubPeer:
-    """The hub side of the device sync, over a real broker (reconnects on loss)."""
+class RelayPeer:
+    """The upstream side of the device sync (a relay stand-in holding the hub's key),
+    over a real broker; reconnects on loss."""
 
-    def __init__(self, port: int, device_id: str, device_key: bytes, signer: Signer) -> None:
+    def __init__(
+        self, port: int, device_id: str, device_key: bytes, signer: Signer, hub: Signer
+    ) -> None:
         self.port = port
         self.device_id = device_id
         self.scope = device_scope(device_id)
-        self.replica = Replica("hub", HybridLogicalClock(SystemClock()))
+        self.desired = desired_scope(device_id)
+        self.replica = Replica(relay_peer_id(REGION), HybridLogicalClock(SystemClock()))
         self.replica.scope(self.scope)
+        self.replica.scope(self.desired)
         self.signer = signer
+        self.hub = hub
         self.keyring = KeyRing()
         self.keyring.add(device_key)
         self.session: SyncSession | None = None
@@ -98,9 +113,11 @@ class HubPeer:
         return [] if inbound is None else list(inbound.items)
 
     def set_desired(self, spec: WorkloadSpec) -> None:
-        delta = self.replica.set(self.scope, f"desired/{spec.name}", spec.model_dump(mode="json"))
+        delta = signed_write(
+            self.replica, self.desired, spec.name, spec.model_dump(mode="json"), self.hub
+        )
         if self.session is not None:
-            self._pending += self.session.local_update(self.scope, delta)
+            self._pending += self.session.local_update(self.desired, delta)
 
     async def run(self) -> None:
         while True:
@@ -122,7 +139,7 @@ class HubPeer:
                 self.signer,
                 self.keyring,
                 SystemClock(),
-                scopes=[self.scope],
+                scopes=[self.scope, self.desired],
             )
             self.session = session
             self.connected.set()

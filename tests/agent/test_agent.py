@@ -18,7 +18,7 @@ from sync.envelope import unpackb_strict
 from sync.keys import Signer
 from sync.models import RestartPolicy, WorkloadSpec
 from tests.agent.agent_harness import (
-    HubPeer,
+    RelayPeer,
     enroll_offline,
     make_config,
     running,
@@ -60,7 +60,8 @@ async def test_restart_without_network_brings_workloads_back(
         drivers=("process", "podman"),
         podman_url=podman_service.url,
     )
-    enroll_offline(config, Signer.generate())  # enrolled, but the relay port is closed
+    hub = Signer.generate()
+    enroll_offline(config, hub)  # enrolled, but the relay port is closed
     container = WorkloadSpec(
         name="sensor",
         driver="podman",
@@ -68,7 +69,7 @@ async def test_restart_without_network_brings_workloads_back(
         command=("sleep", "3600"),
         restart=RestartPolicy(mode="always"),
     )
-    await seed_desired(config, [process_spec("collector"), container])
+    await seed_desired(config, [process_spec("collector"), container], hub)
 
     async with Agent(config, profile) as agent:
         await wait_until(lambda: agent.supervisor.passes > 0)
@@ -104,7 +105,9 @@ async def test_corrupt_journal_is_quarantined_and_agent_starts(
 
 async def test_local_control_offline(tmp_path: Path) -> None:
     config, profile = make_config(tmp_path / "agent")
-    await seed_desired(config, [process_spec("web")])
+    hub = Signer.generate()
+    enroll_offline(config, hub)  # relay unreachable: offline
+    await seed_desired(config, [process_spec("web")], hub)
     sock = str(config.control_socket)
     async with Agent(config, profile) as agent:
         await wait_until(lambda: phase_of(agent, "web") == "running")
@@ -141,9 +144,11 @@ async def test_sync_with_hub_over_mosquitto_survives_broker_restart(
     """HELLO, batched deltas, ACK-driven deletion, reconnect after the broker is
     killed and restarted — with nothing lost."""
     config, profile = make_config(tmp_path / "agent", relays=(mosquitto.url,))
-    hub_key = Signer.generate()
-    device_key = enroll_offline(config, hub_key)
-    hub = HubPeer(mosquitto.port, config.device_id, device_key.public_key_bytes, hub_key)
+    hub_key, relay_key = Signer.generate(), Signer.generate()
+    device_key = enroll_offline(config, hub_key, relay_key)
+    hub = RelayPeer(
+        mosquitto.port, config.device_id, device_key.public_key_bytes, relay_key, hub_key
+    )
     scope = device_scope(config.device_id)
     async with running(hub.run()), Agent(config, profile) as agent:
         await wait_until(lambda: agent.link.connected.is_set() and hub.connected.is_set())
