@@ -7,14 +7,12 @@ re-exports every public name; see there for the exception tree.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, get_args
 from urllib.parse import urlsplit, urlunsplit
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -28,8 +26,9 @@ from pydantic import (
     field_validator,
 )
 
-from edge_agent._exceptions import AgentError
+from edge_agent._exceptions import EnrollError
 from edge_agent.config import RelayEndpoint, validate_mqtt_id
+from edge_agent.identity import decode_public_key
 from firmware_profiles import PROFILE_NAME_PATTERN, Arch
 from sync._exceptions import ConfigError
 from sync.models import DeviceFacts
@@ -37,16 +36,14 @@ from sync.models import DeviceFacts
 ENROLL_PATH: Final = "/api/v1/enroll"
 """Path of the enrollment endpoint below the hub's base URL."""
 
-_RAW_KEY_LEN: Final = 32
 _REVEAL: Final = "reveal_secrets"
 _SNIPPET: Final = 300
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class EnrollError(AgentError):
-    """Base of every enrollment failure."""
+# EnrollError, NotEnrolledError and EnrollmentCorruptError live in edge_agent._exceptions
+# (the running agent raises them without importing this module); the enrollment
+# module re-exports them.
 
 
 class AlreadyEnrolledError(EnrollError):
@@ -64,33 +61,6 @@ class AlreadyEnrolledError(EnrollError):
         super().__init__(
             f"this device is already enrolled {who}({path}); pass --force to enroll again"
         )
-
-
-class NotEnrolledError(EnrollError):
-    """No enrollment is stored in the data directory.
-
-    Attributes:
-        path: the missing ``enrollment.json``.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        super().__init__(
-            f"this device is not enrolled ({path} not found); run "
-            "`novacron agent enroll --hub URL --token T` first"
-        )
-
-
-class EnrollmentCorruptError(EnrollError):
-    """A stored enrollment file is unreadable or invalid.
-
-    Attributes:
-        path: the file.
-    """
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = path
-        super().__init__(f"{path}: {reason}")
 
 
 class UnsupportedDeviceError(EnrollError):
@@ -167,25 +137,6 @@ class HubRejectedError(HubResponseError):
 
 
 # --------------------------------------------------------------------------- models
-
-
-def decode_public_key(value: str) -> bytes:
-    """Decode an Ed25519 public key given as base64 of its 32 raw bytes.
-
-    Raises:
-        ValueError: not standard base64, not 32 bytes, or not an Ed25519 key.
-    """
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("must be standard base64") from exc
-    if len(raw) != _RAW_KEY_LEN:
-        raise ValueError(f"must be the base64 of {_RAW_KEY_LEN} raw bytes, got {len(raw)}")
-    try:
-        Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError as exc:
-        raise ValueError("not a valid Ed25519 public key") from exc
-    return raw
 
 
 def _check_public_key(value: str) -> str:

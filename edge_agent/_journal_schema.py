@@ -11,20 +11,28 @@ gateway flash. The journal is bounded by the firmware profile's quota and the
 check runs once per agent start, so the full check is the default;
 ``check="quick"`` is there for very slow storage and ``check="none"`` for tests
 and benchmarks.
+
+Migrations are sqlite-utils ``Migrations``, recorded in its ``_sqlite_migrations``
+table. sqlite-utils (with click, pluggy and dateutil under it, ~3.5 MB of RSS) is
+imported only when a migration must run: the usual start, on a journal that is
+up to date, reads the recorded names with plain sqlite3 and skips it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-from sqlite_utils import Database, Migrations
+from typing import TYPE_CHECKING, Final, Literal
 
 from edge_agent._journal_errors import JournalError
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database, Migrations
 
 __all__ = [
     "MIGRATIONS",
@@ -44,10 +52,10 @@ ROW_OVERHEAD = 24
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
-MIGRATIONS = Migrations("novacron_edge_journal")
+_MIGRATION_SET: Final = "novacron_edge_journal"
+_MIGRATIONS_TABLE: Final = "_sqlite_migrations"  # sqlite-utils' Migrations.migrations_table
 
 
-@MIGRATIONS(name="0001_initial")
 def _m0001_initial(db: Database) -> None:
     for statement in (
         """CREATE TABLE state (
@@ -87,6 +95,82 @@ def _m0001_initial(db: Database) -> None:
         )""",
     ):
         db.execute(statement)
+
+
+_STEPS: Final[tuple[tuple[str, Callable[[Database], None]], ...]] = (
+    ("0001_initial", _m0001_initial),
+)
+"""The journal's migrations, in order: (name, function). Append only."""
+
+
+@functools.cache
+def _migrations() -> Migrations:
+    from sqlite_utils import Migrations  # noqa: PLC0415 - only when a migration runs
+
+    migrations = Migrations(_MIGRATION_SET)
+    for name, fn in _STEPS:
+        migrations(name=name)(fn)
+    return migrations
+
+
+def __getattr__(name: str) -> object:
+    # MIGRATIONS (the sqlite-utils object) is built on first use so that importing
+    # this module does not import sqlite-utils.
+    if name == "MIGRATIONS":
+        return _migrations()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    MIGRATIONS: Migrations
+
+
+def _recorded_migrations(conn: sqlite3.Connection) -> list[str]:
+    """Names of the applied journal migrations in the order applied, read with plain sqlite3.
+
+    The same list as ``MIGRATIONS.applied(db)``: empty when there is no migrations table.
+    """
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_MIGRATIONS_TABLE,)
+    ).fetchone()
+    if exists is None:
+        return []
+    return [
+        row[0]
+        for row in conn.execute(
+            f"SELECT name FROM {_MIGRATIONS_TABLE} WHERE migration_set = ? ORDER BY rowid",
+            (_MIGRATION_SET,),
+        )
+    ]
+
+
+def _migrations_table_current(conn: sqlite3.Connection) -> bool:
+    # sqlite-utils 4 keeps the table with an ``id`` primary key and rebuilds an
+    # older one in ``apply``; a missing table has no primary key columns at all.
+    pks = sorted(
+        (pk, name)
+        for _cid, name, _type, _notnull, _default, pk in conn.execute(
+            f"PRAGMA table_info({_MIGRATIONS_TABLE})"
+        )
+        if pk
+    )
+    return [name for _pk, name in pks] == ["id"]
+
+
+def _apply_migrations(conn: sqlite3.Connection) -> None:
+    """Run ``MIGRATIONS.apply``, unless plain sqlite3 shows it would do nothing.
+
+    ``apply`` does nothing when the migrations table exists in its current shape
+    and every migration is recorded: the usual start, which then never imports
+    sqlite-utils.
+    """
+    if _migrations_table_current(conn) and not (
+        {name for name, _fn in _STEPS} - set(_recorded_migrations(conn))
+    ):
+        return
+    from sqlite_utils import Database  # noqa: PLC0415 - only when a migration runs
+
+    _migrations().apply(Database(conn, execute_plugins=False))
 
 
 class _CorruptError(Exception):
@@ -182,7 +266,7 @@ def _open_checked(path: Path, check: CheckMode) -> sqlite3.Connection:
     try:
         _enable_wal(conn, path)
         _run_check(conn, check)
-        MIGRATIONS.apply(Database(conn, execute_plugins=False))
+        _apply_migrations(conn)
         # sqlite-utils leaves the legacy isolation level alone; the writer wants
         # explicit BEGIN/COMMIT only.
         conn.isolation_level = None
@@ -234,7 +318,7 @@ def _start_session(path: Path, check: CheckMode) -> OpenResult:
             "INSERT INTO meta (key, value) VALUES ('bd_seq', 1) "
             "ON CONFLICT (key) DO UPDATE SET value = value + 1 RETURNING value"
         ).fetchone()
-        applied = len(MIGRATIONS.applied(Database(conn, execute_plugins=False)))
+        applied = len(_recorded_migrations(conn))
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",

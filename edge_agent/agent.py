@@ -21,11 +21,15 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from edge_agent._exceptions import AgentError
+from edge_agent._exceptions import AgentError, NotEnrolledError
 from edge_agent.config import AgentConfig
 from edge_agent.control import ControlServer
 from edge_agent.drivers import WorkloadDriver
-from edge_agent.identity import load_or_create_device_key
+from edge_agent.identity import (
+    load_hub_public_key,
+    load_or_create_device_key,
+    load_relay_public_keys,
+)
 from edge_agent.journal import EventIn, Journal
 from edge_agent.state import OVERRIDE, REPORTED, DeviceState, device_scope, is_signed_scope
 from edge_agent.supervisor import Supervisor
@@ -178,15 +182,12 @@ class Agent:
         return out
 
     def _hub_key(self) -> bytes | None:
-        from edge_agent.enroll import NotEnrolledError, load_hub_public_key  # noqa: PLC0415
-
         try:
             return load_hub_public_key(self.config.data_dir)
         except NotEnrolledError:
             return None
 
     def _start_link(self, hub_keys: KeyRing) -> None:
-        from edge_agent.enroll import load_relay_public_keys  # noqa: PLC0415
         from edge_agent.link import UpstreamLink  # noqa: PLC0415
 
         # Envelopes come from the region's relays (or the hub itself); desired

@@ -43,6 +43,9 @@ Errors::
 Bad command-line input and config files raise :class:`~sync._exceptions.ConfigError`.
 The wire models, errors and answer parsing are pure and live in
 :mod:`edge_agent._enroll_wire`; this module adds the network and the files.
+Reading ``hub.pub`` and ``relays.pub`` (and the errors that can raise) lives in
+:mod:`edge_agent.identity` and :mod:`edge_agent._exceptions`, re-exported here, so
+the running agent never imports the enrollment code.
 """
 
 from __future__ import annotations
@@ -69,9 +72,7 @@ from pydantic import SecretStr, ValidationError
 from edge_agent._enroll_wire import (
     ENROLL_PATH,
     AlreadyEnrolledError,
-    EnrollError,
     Enrollment,
-    EnrollmentCorruptError,
     EnrollRequest,
     EnrollResponse,
     HubRejectedError,
@@ -79,14 +80,21 @@ from edge_agent._enroll_wire import (
     HubUnreachableError,
     MalformedResponseError,
     MqttAccount,
-    NotEnrolledError,
     UnsupportedDeviceError,
-    decode_public_key,
     enroll_url,
     parse_answer,
 )
+from edge_agent._exceptions import EnrollError, EnrollmentCorruptError, NotEnrolledError
 from edge_agent.config import DEFAULT_DATA_DIR, AgentConfig
-from edge_agent.identity import DEVICE_KEY_NAME, load_or_create_device_key
+from edge_agent.identity import (
+    DEVICE_KEY_NAME,
+    HUB_KEY_FILE,
+    RELAY_KEYS_FILE,
+    decode_public_key,
+    load_hub_public_key,
+    load_or_create_device_key,
+    load_relay_public_keys,
+)
 from firmware_profiles import load_profile
 from firmware_profiles._yamlio import read_yaml_mapping, validation_error
 from sync._exceptions import ConfigError
@@ -135,8 +143,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ENROLLMENT_FILE: Final = "enrollment.json"
-HUB_KEY_FILE: Final = "hub.pub"
-RELAY_KEYS_FILE: Final = "relays.pub"
 PASSWORD_FILE: Final = "mqtt.password"
 
 _MAX_ANSWER_BYTES: Final = 64 * 1024
@@ -421,51 +427,6 @@ def load_enrollment(data_dir: str | os.PathLike[str]) -> Enrollment:
             for err in exc.errors(include_url=False, include_input=False)
         )
         raise EnrollmentCorruptError(path, problems) from exc
-
-
-def load_hub_public_key(data_dir: str | os.PathLike[str]) -> bytes:
-    """Read the hub's public key from ``<data_dir>/hub.pub``. Blocking.
-
-    Returns:
-        The 32 raw bytes of the key.
-
-    Raises:
-        NotEnrolledError: the file is missing.
-        EnrollmentCorruptError: the file is unreadable or not a base64 Ed25519 key.
-    """
-    path = Path(data_dir) / HUB_KEY_FILE
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError as exc:
-        raise NotEnrolledError(path) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EnrollmentCorruptError(path, f"cannot read: {exc}") from exc
-    try:
-        return decode_public_key(text)
-    except ValueError as exc:
-        raise EnrollmentCorruptError(path, str(exc)) from exc
-
-
-def load_relay_public_keys(data_dir: str | os.PathLike[str]) -> list[bytes]:
-    """Read the region's relay keys from ``<data_dir>/relays.pub`` (one per line). Blocking.
-
-    Returns:
-        The raw 32-byte keys; empty when the file is missing.
-
-    Raises:
-        EnrollmentCorruptError: the file is unreadable or holds a bad key.
-    """
-    path = Path(data_dir) / RELAY_KEYS_FILE
-    try:
-        lines = path.read_text(encoding="ascii").split()
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EnrollmentCorruptError(path, f"cannot read: {exc}") from exc
-    try:
-        return [decode_public_key(line) for line in lines]
-    except ValueError as exc:
-        raise EnrollmentCorruptError(path, str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- config

@@ -52,7 +52,7 @@ from pydantic import (
 # Shared with the agent: the same URL and credential rules for every broker, the
 # same relative-path resolution and backoff model. (Private names: see the report
 # to the lead about moving them to a shared module.)
-from edge_agent._enroll_wire import PublicKeyB64, decode_public_key
+from edge_agent._enroll_wire import PublicKeyB64
 from edge_agent.config import (
     Credentials,
     RelayEndpoint,
@@ -62,6 +62,7 @@ from edge_agent.config import (
     _resolve_path,
     validate_mqtt_id,
 )
+from edge_agent.identity import decode_public_key
 from firmware_profiles._yamlio import read_yaml_mapping, validation_error
 from sync._exceptions import ConfigError
 from sync._msgpack_strict import DEFAULT_LIMITS

@@ -3,10 +3,18 @@
 Every device makes a key at install; the hub and relays have their own. Private
 keys are stored as PKCS#8 PEM (or the 32 raw seed bytes) in a file of mode 0600,
 written atomically so a crash never leaves a half-written key behind.
+
+Only ``cryptography``'s Ed25519 module is imported up front. Its ``serialization``
+package pulls in the RSA, EC, DSA, DH and SSH modules (~1.5 MB of RSS), so it is
+imported only to write a PEM key or to read a key file that is not in the exact
+layout :func:`save_private_key` writes; the usual start of a device reads its own
+key without it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import logging
@@ -17,7 +25,6 @@ from pathlib import Path
 from typing import Final, Literal, Self
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -43,6 +50,13 @@ KEY_ID_LEN: Final = 16
 _MAX_KEY_ID_LEN: Final = 64
 _RAW_KEY_LEN: Final = 32
 _SIG_LEN: Final = 64
+
+# An unencrypted PKCS#8 Ed25519 private key (RFC 8410) as cryptography writes it:
+# this DER prefix then the 32-byte seed, base64 on one 64-character PEM line.
+_PKCS8_ED25519_PREFIX: Final = bytes.fromhex("302e020100300506032b657004220420")
+_PEM_HEAD: Final = b"-----BEGIN PRIVATE KEY-----\n"
+_PEM_TAIL: Final = b"\n-----END PRIVATE KEY-----"
+_PEM_BODY_LEN: Final = 64
 
 
 def generate_private_key() -> Ed25519PrivateKey:
@@ -96,6 +110,8 @@ def save_private_key(
         ConfigError: the file cannot be written.
     """
     if fmt == "pem":
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see module doc
+
         data = private_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -152,6 +168,11 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         logger.warning("private key file %s is accessible by group/others", source)
     if len(data) == _RAW_KEY_LEN:
         return Ed25519PrivateKey.from_private_bytes(data)
+    seed = _pkcs8_seed(data)
+    if seed is not None:
+        return Ed25519PrivateKey.from_private_bytes(seed)
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see module doc
+
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -159,6 +180,32 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"expected an Ed25519 key, found {type(key).__name__}", source=source)
     return key
+
+
+def _pkcs8_seed(data: bytes) -> bytes | None:
+    """The seed of a PEM key in exactly the layout :func:`save_private_key` writes.
+
+    Returns None for anything else (other layouts, encrypted keys, other key
+    types), which :func:`load_private_key` leaves to cryptography's full loader.
+    """
+    if not data.startswith(_PEM_HEAD):
+        return None
+    body = data[len(_PEM_HEAD) :]
+    body = body.removesuffix(b"\n")
+    if not body.endswith(_PEM_TAIL):
+        return None
+    body = body[: -len(_PEM_TAIL)]
+    if len(body) != _PEM_BODY_LEN:
+        return None
+    try:
+        der = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != len(_PKCS8_ED25519_PREFIX) + _RAW_KEY_LEN:
+        return None
+    if not der.startswith(_PKCS8_ED25519_PREFIX):
+        return None
+    return der[len(_PKCS8_ED25519_PREFIX) :]
 
 
 def _check_kid(kid: object) -> str:

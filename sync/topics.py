@@ -7,6 +7,7 @@
     nc/v1/r/<region>/d/<device>/state   retained birth/death (LWT)
     nc/v1/hub/r/<region>/up             relay -> hub
     nc/v1/hub/r/<region>/down           hub -> relay
+    nc/v1/hub/r/<region>/state          retained relay birth/death (LWT)
 
 Ids (regions, devices) are 1..64 Unicode characters (so at most 256 UTF-8 bytes,
 far below MQTT's 65,535-byte topic limit) and may not contain the MQTT
@@ -49,11 +50,11 @@ MAX_ID_LEN: Final = 64
 """Longest accepted id, in Unicode characters."""
 
 DeviceKind = Literal["up", "down", "state"]
-HubKind = Literal["up", "down"]
+HubKind = Literal["up", "down", "state"]
 Tier = Literal["device", "hub"]
 
 _DEVICE_KINDS: Final = frozenset({"up", "down", "state"})
-_HUB_KINDS: Final = frozenset({"up", "down"})
+_HUB_KINDS: Final = frozenset({"up", "down", "state"})
 _FORBIDDEN_CHARS: Final = frozenset("/+#$\x00")
 _FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
 # Fast path for the common case; anything else goes through the full check.

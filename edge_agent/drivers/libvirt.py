@@ -25,10 +25,9 @@ import builtins
 import importlib
 import logging
 import weakref
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 
 from edge_agent.drivers._exceptions import (
     DriverError,
@@ -46,6 +45,9 @@ from edge_agent.drivers.base import (
     vcpus_for,
 )
 from sync.models import WorkloadSpec
+
+if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +316,8 @@ class LibvirtDriver:
             WorkloadStartError: ``spec.domain_xml`` is not valid domain XML or names
                 another domain.
         """
+        import xml.etree.ElementTree as ET  # noqa: PLC0415 - the XML parser only when used
+
         if spec.domain_xml is not None:
             try:
                 root = ET.fromstring(spec.domain_xml)
@@ -350,6 +354,8 @@ class LibvirtDriver:
         return ET.tostring(root, encoding="unicode")
 
     def _generated_domain(self, spec: WorkloadSpec) -> ET.Element:
+        import xml.etree.ElementTree as ET  # noqa: PLC0415 - the XML parser only when used
+
         root = ET.Element("domain", {"type": self.domain_type})
         ET.SubElement(root, "name").text = spec.name
         ET.SubElement(root, "memory", {"unit": "MiB"}).text = str(spec.resources.memory_mb)
@@ -414,6 +420,8 @@ class LibvirtDriver:
             if exc.get_error_code() == _ERR_NO_METADATA:
                 return None
             raise
+        import xml.etree.ElementTree as ET  # noqa: PLC0415 - the XML parser only when used
+
         try:
             element = ET.fromstring(text)
         except ET.ParseError:

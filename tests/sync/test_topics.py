@@ -46,7 +46,7 @@ def test_bad_kinds() -> None:
     with pytest.raises(TopicError):
         device_topic("r", "d", "sideways")  # type: ignore[arg-type]
     with pytest.raises(TopicError):
-        hub_topic("r", "state")  # type: ignore[arg-type]
+        hub_topic("r", "sideways")  # type: ignore[arg-type]
 
 
 def test_parse() -> None:
@@ -138,7 +138,7 @@ def test_good_ids() -> None:
         "nc/v1/r/eu/d/#",
         "nc/v1/r/eu/d/x/up/extra",
         "nc/v1/r//d/x/up",
-        "nc/v1/hub/r/eu/state",
+        "nc/v1/hub/r/eu/sideways",
         "nc/v1/hub/r/+/up",
         "/nc/v1/hub/r/eu/up",
         "nc/v1/r/eu/x/dev/up",

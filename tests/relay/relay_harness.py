@@ -1,0 +1,256 @@
+"""A region for relay tests: real brokers, a relay, agents, and a hub-side sink."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import yaml
+
+from edge_agent.agent import Agent, relay_peer_id
+from edge_agent.config import AgentConfig
+from edge_agent.identity import load_or_create_device_key
+from firmware_profiles import FirmwareProfile, load_profile
+from regional_relay.config import RelayConfig, load_relay_config
+from sync.envelope import decode_envelope_unverified, unpackb_strict
+from sync.hlc import HybridLogicalClock, SystemClock
+from sync.keys import KeyRing, Signer
+from sync.models import WorkloadSpec
+from sync.protocol import DELTAS, EVENTS, SyncSession
+from sync.relaying import BATCH, decode_batch, encode_batch_ack, open_device_envelope
+from sync.replica import Replica
+from sync.signed import signed_write
+from sync.topics import hub_topic
+from tests.fixtures_mqtt import MosquittoBroker, relay_broker
+
+REGION = "north"
+RELAY_PASSWORD = "relay-secret"
+
+
+def b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+@dataclass
+class Region:
+    """Brokers, keys and configs of one test region."""
+
+    root: Path
+    devices: list[str]
+    region_broker: MosquittoBroker = field(init=False)
+    hub_broker: MosquittoBroker = field(init=False)
+    hub: Signer = field(default_factory=Signer.generate)
+    relay_key: Signer = field(init=False)
+    device_keys: dict[str, Signer] = field(default_factory=dict)
+    relay_config: RelayConfig = field(init=False)
+    profile: FirmwareProfile = field(init=False)
+
+    def __post_init__(self) -> None:
+        users = {"relay": RELAY_PASSWORD, **{d: f"pw-{d}" for d in self.devices}}
+        self.region_broker = relay_broker(self.root / "region-broker", users)
+        self.hub_broker = MosquittoBroker(self.root / "hub-broker")
+        self.profile = load_profile("generic-x86_64")
+        relay_dir = self.root / "relay"
+        relay_dir.mkdir(parents=True)
+        (relay_dir / "hub.pub").write_text(b64(self.hub.public_key_bytes) + "\n")
+        (relay_dir / "relay.password").write_text(RELAY_PASSWORD + "\n")
+        for device in self.devices:
+            data_dir = self.root / "agents" / device
+            data_dir.mkdir(parents=True)
+            self.device_keys[device] = load_or_create_device_key(data_dir / "device.key")
+            (data_dir / "hub.pub").write_text(b64(self.hub.public_key_bytes) + "\n")
+            (data_dir / "mqtt.password").write_text(f"pw-{device}\n")
+        (relay_dir / "devices.yaml").write_text(
+            yaml.safe_dump({d: b64(k.public_key_bytes) for d, k in self.device_keys.items()})
+        )
+        self.relay_config_path = relay_dir / "relay.yaml"
+        self.relay_config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "relay_id": "relay-1",
+                    "region": REGION,
+                    "data_dir": str(relay_dir),
+                    "devices_file": str(relay_dir / "devices.yaml"),
+                    "downstream": {
+                        "url": self.region_broker.url,
+                        "credentials": {
+                            "username": "relay",
+                            "password_file": str(relay_dir / "relay.password"),
+                        },
+                    },
+                    "upstream": {"url": self.hub_broker.url},
+                    "batch": {"max_delay_ms": 50},
+                    "resend": {"ack_timeout_s": 1.0, "backoff_initial_s": 0.2},
+                    "reconnect": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5},
+                    "presence": {"summary_interval_s": 0.5},
+                }
+            )
+        )
+        self.relay_config = load_relay_config(self.relay_config_path)
+        self.relay_key = load_or_create_device_key(relay_dir / "relay.key")
+        for device in self.devices:
+            data_dir = self.root / "agents" / device
+            (data_dir / "relays.pub").write_text(b64(self.relay_key.public_key_bytes) + "\n")
+
+    def agent_config(self, device: str) -> AgentConfig:
+        data_dir = self.root / "agents" / device
+        return AgentConfig.for_profile(
+            {
+                "device_id": device,
+                "region": REGION,
+                "data_dir": str(data_dir),
+                "profile": self.profile.name,
+                "relays": [self.region_broker.url],
+                "credentials": {
+                    "username": device,
+                    "password_file": str(data_dir / "mqtt.password"),
+                },
+                "drivers": ["process"],
+                "supervisor": {"reconcile_interval_s": 0.2},
+                "link": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5},
+            },
+            self.profile,
+        )
+
+    def agent(self, device: str) -> Agent:
+        return Agent(self.agent_config(device), self.profile)
+
+
+class HubSink:
+    """The hub side of a region: ingests batches (deduped), acks them, and
+    syncs signed desired state down to the relay."""
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        self.relay_keys = KeyRing()
+        self.relay_keys.add(region.relay_key.public_key_bytes)
+        self.device_keys = {d: _ring(k) for d, k in region.device_keys.items()}
+        self.replica = Replica("hub", HybridLogicalClock(SystemClock()))
+        self.scopes = [f"desired/{d}" for d in region.devices]
+        for scope in self.scopes:
+            self.replica.scope(scope)
+        self.dots: Counter[tuple[str, str, int]] = Counter()  # (scope, origin, counter)
+        self.events: dict[tuple[str, str], list[int]] = defaultdict(list)  # first-seen order
+        self.event_copies: Counter[tuple[str, str, int]] = Counter()
+        self.presence: list[dict[str, Any]] = []
+        self.batches = 0
+        self.rejected = 0
+        self.session: SyncSession | None = None
+        self.connected = asyncio.Event()
+        self._pending: list[bytes] = []
+
+    def unique_events(self, device: str, stream: str = "events") -> list[int]:
+        return self.events[(device, stream)]
+
+    def set_desired(self, device: str, spec: WorkloadSpec) -> None:
+        delta = signed_write(
+            self.replica,
+            f"desired/{device}",
+            spec.name,
+            spec.model_dump(mode="json"),
+            self.region.hub,
+        )
+        if self.session is not None:
+            self._pending += self.session.local_update(f"desired/{device}", delta)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._connected()
+            except* aiomqtt.MqttError:
+                self.connected.clear()
+                self.session = None
+            await asyncio.sleep(0.2)
+
+    async def _connected(self) -> None:
+        up, down = hub_topic(REGION, "up"), hub_topic(REGION, "down")
+        port = self.region.hub_broker.port
+        async with aiomqtt.Client("127.0.0.1", port, identifier="test-hub") as client:
+            await client.subscribe(up, qos=1)
+            session = SyncSession(
+                self.replica,
+                relay_peer_id(REGION),
+                self.region.hub,
+                self.relay_keys,
+                SystemClock(),
+                scopes=self.scopes,
+            )
+            self.session = session
+            self.connected.set()
+
+            async def send(out: list[bytes]) -> None:
+                for data in out:
+                    await client.publish(down, data, qos=1)
+
+            async def ticker() -> None:
+                while True:
+                    out, self._pending = self._pending, []
+                    await send(out + session.tick())
+                    await asyncio.sleep(0.1)
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(ticker())
+                await send(session.start())
+                async for message in client.messages:
+                    payload = message.payload
+                    assert isinstance(payload, bytes)
+                    if decode_envelope_unverified(payload).type == BATCH:
+                        await send(self._ingest(payload))
+                    else:
+                        await send(session.receive(payload))
+
+    def _ingest(self, data: bytes) -> list[bytes]:
+        batch = decode_batch(data, self.relay_keys)
+        self.batches += 1
+        for item in batch.items:
+            if item.kind == "presence":
+                self.presence.append(unpackb_strict(item.payload))  # type: ignore[arg-type]
+                continue
+            if item.kind == "agg":
+                continue
+            env = open_device_envelope(item.payload, item.device, self.device_keys[item.device])
+            body: Any = env.decode_body()
+            if env.type == DELTAS:
+                for _key, _ts, origin, counter, _d, _v in body["d"]:
+                    self.dots[(body["sc"], origin, counter)] += 1
+            elif env.type == EVENTS:
+                stream = body["st"]
+                for offset, _item in enumerate(body["items"]):
+                    seq = body["from"] + offset
+                    key = (item.device, stream, seq)
+                    if self.event_copies[key] == 0:
+                        self.events[(item.device, stream)].append(seq)
+                    self.event_copies[key] += 1
+        return [
+            encode_batch_ack(
+                self.region.hub,
+                src="hub",
+                seq=self.batches,
+                ts=1,
+                relay=batch.relay,
+                ids=[i.id for i in batch.items],
+            )
+        ]
+
+
+def _ring(key: Signer) -> KeyRing:
+    ring = KeyRing()
+    ring.add(key.public_key_bytes)
+    return ring
+
+
+@contextlib.asynccontextmanager
+async def running(coro: Any) -> Any:
+    task = asyncio.create_task(coro)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
