@@ -256,7 +256,13 @@ class Agent:
         payload = status.model_dump(mode="json")
         payload["previous"] = previous
         await self.record_event(EVENTS_STREAM, "workload", payload)
-        delta = await self.state.write_local(REPORTED + status.name, status.model_dump(mode="json"))
+        await self.write_state(REPORTED + status.name, status.model_dump(mode="json"))
+
+    async def write_state(self, key: str, value: Any | None) -> None:
+        """Write a key of the device scope (``None`` deletes it): durable in the
+        journal first, then offered to the link (re-sent by anti-entropy if the
+        link is down or its queue is full)."""
+        delta = await self.state.write_local(key, value)
         if self.link is not None and self.link.session is not None:
             self.link.submit(self.link.session.local_update(self.state.scope_name, delta))
 
@@ -352,10 +358,8 @@ class Agent:
         if name not in self.state.desired():
             raise AgentError(f"no workload named {name!r} on this device")
         value = None if action is None else {"action": action, "at_ms": self.clock.now_ms()}
-        delta = await self.state.write_local(OVERRIDE + name, value)
+        await self.write_state(OVERRIDE + name, value)
         self.supervisor.notify()
-        if self.link is not None and self.link.session is not None:
-            self.link.submit(self.link.session.local_update(self.state.scope_name, delta))
 
 
 async def run_agent(
