@@ -43,6 +43,7 @@ class Region:
 
     root: Path
     devices: list[str]
+    relay_overrides: dict[str, Any] = field(default_factory=dict)
     region_broker: MosquittoBroker = field(init=False)
     hub_broker: MosquittoBroker = field(init=False)
     hub: Signer = field(default_factory=Signer.generate)
@@ -89,6 +90,7 @@ class Region:
                     "resend": {"ack_timeout_s": 1.0, "backoff_initial_s": 0.2},
                     "reconnect": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5},
                     "presence": {"summary_interval_s": 0.5},
+                    **self.relay_overrides,
                 }
             )
         )
@@ -139,6 +141,7 @@ class HubSink:
         self.events: dict[tuple[str, str], list[int]] = defaultdict(list)  # first-seen order
         self.event_copies: Counter[tuple[str, str, int]] = Counter()
         self.presence: list[dict[str, Any]] = []
+        self.aggregates: list[dict[str, Any]] = []
         self.batches = 0
         self.rejected = 0
         self.session: SyncSession | None = None
@@ -213,6 +216,7 @@ class HubSink:
                 self.presence.append(unpackb_strict(item.payload))  # type: ignore[arg-type]
                 continue
             if item.kind == "agg":
+                self.aggregates.append(unpackb_strict(item.payload))  # type: ignore[arg-type]
                 continue
             env = open_device_envelope(item.payload, item.device, self.device_keys[item.device])
             body: Any = env.decode_body()

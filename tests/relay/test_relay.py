@@ -57,8 +57,8 @@ def device_dots(hub: HubSink, device: str) -> set[int]:
     }
 
 
-def has_events(hub: HubSink, device: str, last: int) -> bool:
-    return len(hub.unique_events(device)) >= last
+def has_events(hub: HubSink, device: str, last: int, stream: str = "events") -> bool:
+    return len(hub.unique_events(device, stream)) >= last
 
 
 def has_dots(hub: HubSink, agent: Agent) -> bool:
@@ -242,3 +242,56 @@ async def test_kill_9_of_the_relay_while_forwarding_loses_nothing(tmp_path: Path
             except subprocess.TimeoutExpired:
                 proc.kill()
     print(log.read_text(errors="replace")[-2000:])
+
+
+async def test_metrics_are_downsampled_and_raw_events_still_forwarded(tmp_path: Path) -> None:
+    region = Region(tmp_path, ["gw-1"], relay_overrides={"downsample": {"interval_s": 1}})
+    hub = HubSink(region)
+    async with (
+        brokers(region),
+        running(hub.run()),
+        Relay(region.relay_config),
+        region.agent("gw-1") as agent,
+    ):
+        await wait_until(agent.link.connected.is_set)
+        for i in range(10):
+            await agent.record_event("metrics", "metric", {"cpu_pct": float(i)})
+        last = agent.replica.stream("metrics").next_seq - 1
+        await wait_until(functools.partial(has_events, hub, "gw-1", last, "metrics"), within=30)
+        # Windows close once their interval is over; summaries carry them.
+        await wait_until(
+            lambda: (
+                sum(a["figures"]["cpu_pct"][3] for a in hub.aggregates if a["device"] == "gw-1")
+                >= 10
+            ),
+            within=30,
+        )
+        stats = [a["figures"]["cpu_pct"] for a in hub.aggregates]
+        assert min(s[0] for s in stats) == 0.0
+        assert max(s[1] for s in stats) == 9.0
+
+
+async def test_outbox_quota_refuses_metrics_first_never_state(tmp_path: Path) -> None:
+    region = Region(tmp_path, ["gw-1"], relay_overrides={"outbox": {"quota_mb": 1}})
+    hub = HubSink(region)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(brokers(region))
+        relay = await stack.enter_async_context(Relay(region.relay_config))
+        agent = await stack.enter_async_context(region.agent("gw-1"))
+        await wait_until(agent.link.connected.is_set)
+        region.hub_broker.kill()  # nothing drains the outbox
+        blob = "x" * 2000
+        for i in range(700):  # ~1.5 MB of metrics against a 1 MiB quota
+            await agent.record_event("metrics", "metric", {"i": i, "pad": blob})
+        await wait_until(lambda: relay.counters.refused_metrics > 0, within=60)
+        # State still goes through, past the quota, and is acknowledged.
+        await produce(agent, 0, 3)
+        await wait_until(lambda: relay.outbox.stats().over_quota_deltas > 0, within=30)
+        assert await agent.journal.event_count("metrics") > 0  # refused: the agent keeps them
+        assert relay.stats()["refused_metrics"] == relay.counters.refused_metrics
+        # When the hub comes back, everything arrives.
+        region.hub_broker.start()
+        await stack.enter_async_context(running(hub.run()))
+        last = agent.replica.stream("metrics").next_seq - 1
+        await wait_until(functools.partial(has_events, hub, "gw-1", last, "metrics"), within=120)
+        assert hub.unique_events("gw-1", "metrics") == list(range(1, last + 1))
