@@ -320,11 +320,14 @@ class Relay:
             self._reject("src_mismatch")
             return
         kind = "delta"
+        stream = ""
         if peek.type == EVENTS:
-            kind = "metric" if self._is_metric(peek.body) else "event"
+            stream = self._stream_of(peek.body)
+            kind = "metric" if stream in self._metric_streams else "event"
             if kind == "metric" and self._at_quota():
                 self.counters.refused_metrics += 1
                 return  # no ACK: the agent keeps it and sends it again later
+        before = self._inbox_next(device, stream)
         session = self._session(device, keys)
         self._changed = {}
         try:
@@ -335,7 +338,13 @@ class Relay:
             return
         self.presence.observe_traffic(device, now)
         items: list[ItemIn] = []
-        if peek.type in (DELTAS, EVENTS, SNAPSHOT):
+        # Forward only what the session took in: an EVENTS batch that does not
+        # follow on (an earlier one was refused or lost) is left unacknowledged
+        # and comes again, so the hub sees every stream in order.
+        accepted = peek.type in (DELTAS, SNAPSHOT) or (
+            peek.type == EVENTS and self._inbox_next(device, stream) > before
+        )
+        if accepted:
             items.append(ItemIn(device, kind, data))  # type: ignore[arg-type]
             if kind == "metric" and self.downsampler is not None:
                 self._downsample(device, peek.body)
@@ -450,13 +459,22 @@ class Relay:
         except aiomqtt.MqttError as exc:
             log.info("cannot reach %s now: %s (it resyncs on reconnect)", device, exc)
 
-    def _is_metric(self, body: bytes) -> bool:
-        streams = self.config.downsample.streams if self.config.downsample else ("metrics",)
+    @property
+    def _metric_streams(self) -> tuple[str, ...]:
+        return self.config.downsample.streams if self.config.downsample else ("metrics",)
+
+    @staticmethod
+    def _stream_of(body: bytes) -> str:
         try:
             decoded = unpackb_strict(body)
         except NovaCronError:
-            return False
-        return isinstance(decoded, dict) and decoded.get("st") in streams
+            return ""  # the session refuses it with the precise error
+        stream = decoded.get("st") if isinstance(decoded, dict) else None
+        return stream if isinstance(stream, str) else ""
+
+    def _inbox_next(self, device: str, stream: str) -> int:
+        inbound = self.replica.inbox.get((device, stream))
+        return 1 if inbound is None else inbound.next_seq
 
     def _downsample(self, device: str, body: bytes) -> None:
         assert self.downsampler is not None

@@ -209,38 +209,48 @@ class HubSink:
                         await send(session.receive(payload))
 
     def _ingest(self, data: bytes) -> list[bytes]:
+        """What the hub does with a batch: verify, dedupe, keep streams in order.
+
+        An EVENTS item that does not follow on from what this hub holds for its
+        stream (an earlier batch was lost on the way) is not acknowledged, so the
+        relay sends it again after the missing one.
+        """
         batch = decode_batch(data, self.relay_keys)
         self.batches += 1
+        acked: list[int] = []
         for item in batch.items:
             if item.kind == "presence":
                 self.presence.append(unpackb_strict(item.payload))  # type: ignore[arg-type]
-                continue
-            if item.kind == "agg":
+            elif item.kind == "agg":
                 self.aggregates.append(unpackb_strict(item.payload))  # type: ignore[arg-type]
+            elif not self._ingest_device(item.device, item.payload):
                 continue
-            env = open_device_envelope(item.payload, item.device, self.device_keys[item.device])
-            body: Any = env.decode_body()
-            if env.type == DELTAS:
-                for _key, _ts, origin, counter, _d, _v in body["d"]:
-                    self.dots[(body["sc"], origin, counter)] += 1
-            elif env.type == EVENTS:
-                stream = body["st"]
-                for offset, _item in enumerate(body["items"]):
-                    seq = body["from"] + offset
-                    key = (item.device, stream, seq)
-                    if self.event_copies[key] == 0:
-                        self.events[(item.device, stream)].append(seq)
-                    self.event_copies[key] += 1
+            acked.append(item.id)
+        if not acked:
+            return []
         return [
             encode_batch_ack(
-                self.region.hub,
-                src="hub",
-                seq=self.batches,
-                ts=1,
-                relay=batch.relay,
-                ids=[i.id for i in batch.items],
+                self.region.hub, src="hub", seq=self.batches, ts=1, relay=batch.relay, ids=acked
             )
         ]
+
+    def _ingest_device(self, device: str, payload: bytes) -> bool:
+        env = open_device_envelope(payload, device, self.device_keys[device])
+        body: Any = env.decode_body()
+        if env.type == DELTAS:
+            for _key, _ts, origin, counter, _d, _v in body["d"]:
+                self.dots[(body["sc"], origin, counter)] += 1
+        elif env.type == EVENTS:
+            stream, start = body["st"], body["from"]
+            seen = self.events[(device, stream)]
+            if start > len(seen) + 1:
+                return False  # a gap: wait for the earlier batch
+            for offset in range(len(body["items"])):
+                seq = start + offset
+                self.event_copies[(device, stream, seq)] += 1
+                if seq == len(seen) + 1:
+                    seen.append(seq)
+        return True
 
 
 def _ring(key: Signer) -> KeyRing:

@@ -284,10 +284,18 @@ async def test_outbox_quota_refuses_metrics_first_never_state(tmp_path: Path) ->
         for i in range(700):  # ~1.5 MB of metrics against a 1 MiB quota
             await agent.record_event("metrics", "metric", {"i": i, "pad": blob})
         await wait_until(lambda: relay.counters.refused_metrics > 0, within=60)
-        # State still goes through, past the quota, and is acknowledged.
+        # State still goes through at the quota, is stored and acknowledged,
+        # while the refused metrics stay with the agent.
+        stored = relay.counters.stored
         await produce(agent, 0, 3)
-        await wait_until(lambda: relay.outbox.stats().over_quota_deltas > 0, within=30)
-        assert await agent.journal.event_count("metrics") > 0  # refused: the agent keeps them
+
+        async def deltas_acked() -> bool:
+            return await agent.journal.pending_deltas() == []
+
+        await wait_until_async(deltas_acked, within=30)
+        assert relay.counters.stored > stored
+        assert relay.counters.refused_metrics > 0
+        assert await agent.journal.event_count("metrics") > 0
         assert relay.stats()["refused_metrics"] == relay.counters.refused_metrics
         # When the hub comes back, everything arrives.
         region.hub_broker.start()
