@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 
 CURSORS_SCOPE = "relay/cursors"
 ACK_QUEUE_LIMIT = 2048
+PUBLISH_WINDOW = 256
 _TICK_S = 0.25
 
 
@@ -109,6 +110,7 @@ class RelayCounters:
     batches_acked: int = 0
     items_acked: int = 0
     fanned_out: int = 0
+    downlink_failed: int = 0
     hub_rejected: Counter[str] = field(default_factory=Counter)
 
     def to_wire(self) -> dict[str, Any]:
@@ -123,6 +125,7 @@ class RelayCounters:
             "batches_acked": self.batches_acked,
             "items_acked": self.items_acked,
             "fanned_out": self.fanned_out,
+            "downlink_failed": self.downlink_failed,
             "hub_rejected": dict(self.hub_rejected),
         }
 
@@ -176,6 +179,7 @@ class Relay:
         self._batch_seq = 0
         self._new_items = asyncio.Event()
         self._inflight_bytes = 0
+        self._publish_slots = asyncio.Semaphore(PUBLISH_WINDOW)
         self.epoch = 0
         self.outbox: Outbox
         self.replica: Replica
@@ -399,8 +403,11 @@ class Relay:
     def _state_entries(self, changed: dict[str, set[str] | None]) -> dict[str, list[list[Any]]]:
         out: dict[str, list[list[Any]]] = {}
         for scope, keys in changed.items():
-            wire = self.replica.scope(scope).entries_wire()
-            out[scope] = wire if keys is None else [e for e in wire if e[0] in keys]
+            state = self.replica.scope(scope)
+            if keys is None:
+                out[scope] = state.entries_wire()
+                continue
+            out[scope] = [[k, *e] for k in sorted(keys) if (e := state.entry(k)) is not None]
         return out
 
     def _cursor_entries(self, device: str, type_: str) -> list[list[Any]]:
@@ -449,15 +456,30 @@ class Relay:
             await self._publish_down(device, replies)
 
     async def _publish_down(self, device: str, messages: list[bytes]) -> None:
+        """Hand replies to the broker without waiting for each PUBACK.
+
+        paho sends them in call order; at most ``PUBLISH_WINDOW`` are pending,
+        so a slow broker slows intake instead of growing a queue. A failed
+        publish is logged and counted: the device sends again (no ACK) or
+        resyncs on its next HELLO.
+        """
         client = self._down
         if client is None or not messages:
             return
+        assert self._tg is not None
         topic = device_topic(self.config.region, device, "down")
+        for data in messages:
+            await self._publish_slots.acquire()
+            self._tg.create_task(self._send_down(client, topic, data), name="relay-down")
+
+    async def _send_down(self, client: aiomqtt.Client, topic: str, data: bytes) -> None:
         try:
-            for data in messages:
-                await client.publish(topic, data, qos=1)
+            await client.publish(topic, data, qos=1, timeout=10)
         except aiomqtt.MqttError as exc:
-            log.info("cannot reach %s now: %s (it resyncs on reconnect)", device, exc)
+            self.counters.downlink_failed += 1
+            log.warning("downlink on %s failed: %s (the device resends or resyncs)", topic, exc)
+        finally:
+            self._publish_slots.release()
 
     @property
     def _metric_streams(self) -> tuple[str, ...]:
@@ -623,7 +645,11 @@ class Relay:
             items = await self.outbox.oldest(
                 cfg.batch.max_items, cfg.batch.max_bytes, after_id=self._sent_upto
             )
-            if len(items) < cfg.batch.max_items and cfg.batch.max_delay_ms > 0:
+            full = (
+                len(items) >= cfg.batch.max_items
+                or sum(i.size for i in items) >= cfg.batch.max_bytes * 0.9
+            )
+            if not full and cfg.batch.max_delay_ms > 0:
                 # Let a small batch fill for up to max_delay.
                 await self._wait_new_items(cfg.batch.max_delay_ms / 1000)
                 if items:

@@ -657,6 +657,11 @@ class SyncSession:
                 self.replica.hlc.update(max_ts)
             n = self.replica.scope(scope).apply_entries(entries, ctx)
             self.stats.deltas_applied += n
+            # The peer sent these dots, so it has them: never echo them back.
+            known = self.peer_vv.setdefault(scope, VersionVector())
+            known.merge(entry_dots(entries))
+            if ctx is not None:
+                known.merge(ctx)
             if n and self.on_change is not None:
                 self.on_change(scope, entries)
             return [], True

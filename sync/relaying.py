@@ -141,6 +141,7 @@ def decode_batch_ack(env: Envelope) -> tuple[str, list[int]]:
     if type(body) is not dict or body.keys() != {"r", "ids"} or type(body["ids"]) is not list:
         raise ProtocolError("BATCH_ACK body must be a map with keys r, ids")
     ids: list[int] = []
+    total = 0
     for rng in body["ids"]:
         if (
             type(rng) is not list
@@ -150,9 +151,10 @@ def decode_batch_ack(env: Envelope) -> tuple[str, list[int]]:
             or not 0 <= rng[0] <= rng[1]
         ):
             raise ProtocolError("BATCH_ACK ranges must be [lo, hi] with 0 <= lo <= hi")
-        ids.extend(range(rng[0], rng[1] + 1))
-        if len(ids) > 1_000_000:
+        total += rng[1] - rng[0] + 1
+        if total > 1_000_000:  # checked before the range is materialised
             raise ProtocolError("BATCH_ACK names too many ids")
+        ids.extend(range(rng[0], rng[1] + 1))
     relay = body["r"]
     if type(relay) is not str:
         raise ProtocolError("BATCH_ACK relay id must be a string")
