@@ -17,11 +17,11 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from edge_agent._exceptions import AgentError, NotEnrolledError
+from edge_agent._service import Service
 from edge_agent.config import AgentConfig
 from edge_agent.control import ControlServer
 from edge_agent.drivers import WorkloadDriver
@@ -56,7 +56,7 @@ METRICS_STREAM = "metrics"
 STREAM_WINDOW = 20_000
 
 
-class Agent:
+class Agent(Service):
     """One edge agent; use as ``async with Agent(config, profile) as agent``.
 
     Args:
@@ -75,14 +75,13 @@ class Agent:
         drivers: dict[str, WorkloadDriver] | None = None,
         clock: Clock | None = None,
     ) -> None:
+        super().__init__()
         self.config = config
         self.profile = profile
         self._given_drivers = drivers
         self.clock = clock or SystemClock()
         self.drivers: dict[str, WorkloadDriver] = {}
         self.started_at = time.monotonic()
-        self._stack = AsyncExitStack()
-        self._tg: asyncio.TaskGroup | None = None
         self._changed: dict[str, set[str] | None] = {}
         self.journal: Journal
         self.state: DeviceState
@@ -90,21 +89,6 @@ class Agent:
         self.link: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop every task, then close drivers and the journal (flushing it)."""
-        await self._stack.aclose()
 
     async def _start(self) -> None:
         cfg = self.config
@@ -141,21 +125,15 @@ class Agent:
         )
         self.drivers = self._given_drivers or await self._open_drivers()
         self.supervisor = Supervisor(self.drivers, self.state, self, settings=cfg.supervisor)
-        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._stack.push_async_callback(self._cancel_tasks)
+        await self._open_task_group()
         # Reconcile from the journal now: no network needed for workloads to run.
-        self._tg.create_task(self.supervisor.run(), name="supervisor")
+        self._spawn(self.supervisor.run(), name="supervisor")
         await self._stack.enter_async_context(ControlServer(cfg.control_socket, self))
-        self._tg.create_task(self._metrics_loop(), name="metrics")
+        self._spawn(self._metrics_loop(), name="metrics")
         if self.hub_keys is None:
             log.warning("not enrolled (no hub key in %s): running offline only", cfg.data_dir)
         else:
             self._start_link(self.hub_keys)
-
-    async def _cancel_tasks(self) -> None:
-        if self._tg is not None:
-            for task in list(self._tg._tasks):
-                task.cancel()
 
     async def _open_drivers(self) -> dict[str, WorkloadDriver]:
         from edge_agent import drivers as d  # noqa: PLC0415
@@ -209,8 +187,7 @@ class Agent:
             validate=EntryVerifier(hub_keys, is_signed_scope),
             peer_id=relay_peer_id(self.config.region),
         )
-        assert self._tg is not None
-        self._tg.create_task(self.link.run(), name="link")
+        self._spawn(self.link.run(), name="link")
 
     # -- events --------------------------------------------------------------------------
 

@@ -43,12 +43,12 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 
 import aiomqtt
 
+from edge_agent._service import Service
 from edge_agent.agent import relay_peer_id
 from regional_relay._exceptions import RelayError
 from regional_relay.aggregate import Downsampler
@@ -147,7 +147,7 @@ def _client(settings: BrokerSettings, identifier: str, will: aiomqtt.Will | None
     )
 
 
-class Relay:
+class Relay(Service):
     """One region's relay; use as ``async with Relay(config) as relay``.
 
     Args:
@@ -156,14 +156,13 @@ class Relay:
     """
 
     def __init__(self, config: RelayConfig, *, clock: Clock | None = None) -> None:
+        super().__init__()
         self.config = config
         self.clock = clock or SystemClock()
         self.counters = RelayCounters()
         self.peer_id = relay_peer_id(config.region)
         self.hub_connected = asyncio.Event()
         self.devices_connected = asyncio.Event()
-        self._stack = AsyncExitStack()
-        self._tg: asyncio.TaskGroup | None = None
         self._rng = random.Random()
         self._device_keys: dict[str, KeyRing] = {}
         self._sessions: dict[str, SyncSession] = {}
@@ -189,21 +188,6 @@ class Relay:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop every task; the outbox commits what it holds and closes."""
-        await self._stack.aclose()
-
     async def _start(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -226,15 +210,14 @@ class Relay:
         self.epoch = int(time.time())
         if cfg.downsample is not None:
             self.downsampler = Downsampler(cfg.downsample.interval_s * 1000)
-        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._stack.push_async_callback(self._cancel_tasks)
+        await self._open_task_group()
         for name, coro in (
             ("relay-devices", self._device_link()),
             ("relay-hub", self._hub_link()),
             ("relay-acker", self._acker()),
             ("relay-presence", self._presence_reporter()),
         ):
-            self._tg.create_task(coro, name=name)
+            self._spawn(coro, name=name)
         log.info(
             "relay %s for region %s: %d devices enrolled, outbox depth %d",
             cfg.relay_id,
@@ -242,11 +225,6 @@ class Relay:
             len(self._device_keys),
             self.outbox.stats().depth,
         )
-
-    async def _cancel_tasks(self) -> None:
-        if self._tg is not None:
-            for task in list(self._tg._tasks):
-                task.cancel()
 
     async def _load_replica(self) -> None:
         for scope in await self.outbox.scopes():
@@ -354,12 +332,9 @@ class Relay:
                 self._downsample(device, peek.body)
         changed, self._changed = self._changed, {}
         cursors = self._cursor_entries(device, peek.type)
-        assert self._tg is not None
         size = len(data) if items else 0
         self._inflight_bytes += size
-        task = self._tg.create_task(
-            self._persist(items, changed, cursors, size), name="relay-persist"
-        )
+        task = self._spawn(self._persist(items, changed, cursors, size), name="relay-persist")
         await self._acks.put((task, device, replies))
 
     def _session(self, device: str, keys: KeyRing) -> SyncSession:
@@ -466,11 +441,10 @@ class Relay:
         client = self._down
         if client is None or not messages:
             return
-        assert self._tg is not None
         topic = device_topic(self.config.region, device, "down")
         for data in messages:
             await self._publish_slots.acquire()
-            self._tg.create_task(self._send_down(client, topic, data), name="relay-down")
+            self._spawn(self._send_down(client, topic, data), name="relay-down")
 
     async def _send_down(self, client: aiomqtt.Client, topic: str, data: bytes) -> None:
         try:
@@ -632,7 +606,7 @@ class Relay:
         cfg = self.config
         while True:
             now = time.monotonic()
-            for key, flight in self._inflight.items():
+            for key, flight in list(self._inflight.items()):
                 if now >= flight.due:
                     flight.backoff = min(flight.backoff * 2, cfg.resend.backoff_max_s)
                     flight.due = now + cfg.resend.ack_timeout_s + flight.backoff

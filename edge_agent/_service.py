@@ -1,0 +1,59 @@
+"""The shape shared by long-lived daemons (the agent, the relay): an async
+context manager owning an exit stack and a task group of named tasks.
+
+Shared with :mod:`regional_relay`. ``aclose()`` cancels the tasks first, then
+unwinds what ``_start`` entered (drivers, stores), so stores flush last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from contextlib import AsyncExitStack
+from typing import Any, Self
+
+
+class Service:
+    """Base of a daemon: subclasses implement :meth:`_start`."""
+
+    def __init__(self) -> None:
+        self._stack = AsyncExitStack()
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel every task, then release what the service holds."""
+        await self._stack.aclose()
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _open_task_group(self) -> None:
+        """Enter the task group; on close its tasks are cancelled before it exits."""
+        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._stack.push_async_callback(self._cancel_tasks)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Start a named task in the service's group."""
+        if self._tg is None:
+            coro.close()
+            raise RuntimeError("the service's task group is not open")
+        task = self._tg.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
