@@ -16,44 +16,49 @@ Migrations are sqlite-utils ``Migrations``, recorded in its ``_sqlite_migrations
 table. sqlite-utils (with click, pluggy and dateutil under it, ~3.5 MB of RSS) is
 imported only when a migration must run: the usual start, on a journal that is
 up to date, reads the recorded names with plain sqlite3 and skips it.
+
+The open/check/quarantine sequence and the migration runner are shared with the
+relay's outbox (:mod:`edge_agent._sqlite`); this module holds what is the
+journal's own: its tables, its session start (``bd_seq``) and what it loads.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import logging
 import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final
 
-from edge_agent._journal_errors import JournalError
+from edge_agent._journal_errors import (
+    JournalClosedError,
+    JournalError,
+    JournalWriteError,
+)
+from edge_agent._sqlite import CheckMode, MigrationSet, StoreErrors, connect, open_store
 
 if TYPE_CHECKING:
     from sqlite_utils import Database, Migrations
 
 __all__ = [
+    "ERRORS",
     "MIGRATIONS",
     "ROW_OVERHEAD",
     "CheckMode",
     "OpenResult",
+    "connect",
     "open_journal_file",
 ]
 
 logger = logging.getLogger(__name__)
 
-CheckMode = Literal["integrity", "quick", "none"]
-
 ROW_OVERHEAD = 24
 """Approximate per-event bytes on top of payload, stream and kind (quota accounting)."""
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
-
-_MIGRATION_SET: Final = "novacron_edge_journal"
-_MIGRATIONS_TABLE: Final = "_sqlite_migrations"  # sqlite-utils' Migrations.migrations_table
+ERRORS: Final = StoreErrors(
+    label="journal", base=JournalError, closed=JournalClosedError, write=JournalWriteError
+)
+"""The journal's name and error classes, for the shared machinery."""
 
 
 def _m0001_initial(db: Database) -> None:
@@ -97,84 +102,20 @@ def _m0001_initial(db: Database) -> None:
         db.execute(statement)
 
 
-_STEPS: Final[tuple[tuple[str, Callable[[Database], None]], ...]] = (
-    ("0001_initial", _m0001_initial),
+_MIGRATION_SET: Final = MigrationSet(
+    "novacron_edge_journal",
+    (("0001_initial", _m0001_initial),),
 )
 """The journal's migrations, in order: (name, function). Append only."""
 
 
-@functools.cache
-def _migrations() -> Migrations:
-    from sqlite_utils import Migrations  # noqa: PLC0415 - only when a migration runs
-
-    migrations = Migrations(_MIGRATION_SET)
-    for name, fn in _STEPS:
-        migrations(name=name)(fn)
-    return migrations
-
-
-def __getattr__(name: str) -> object:
-    # MIGRATIONS (the sqlite-utils object) is built on first use so that importing
-    # this module does not import sqlite-utils.
-    if name == "MIGRATIONS":
-        return _migrations()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# MIGRATIONS (the sqlite-utils object) is built on first use so that importing
+# this module does not import sqlite-utils.
+__getattr__ = _MIGRATION_SET.module_getattr(__name__)
 
 
 if TYPE_CHECKING:
     MIGRATIONS: Migrations
-
-
-def _recorded_migrations(conn: sqlite3.Connection) -> list[str]:
-    """Names of the applied journal migrations in the order applied, read with plain sqlite3.
-
-    The same list as ``MIGRATIONS.applied(db)``: empty when there is no migrations table.
-    """
-    exists = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_MIGRATIONS_TABLE,)
-    ).fetchone()
-    if exists is None:
-        return []
-    return [
-        row[0]
-        for row in conn.execute(
-            f"SELECT name FROM {_MIGRATIONS_TABLE} WHERE migration_set = ? ORDER BY rowid",
-            (_MIGRATION_SET,),
-        )
-    ]
-
-
-def _migrations_table_current(conn: sqlite3.Connection) -> bool:
-    # sqlite-utils 4 keeps the table with an ``id`` primary key and rebuilds an
-    # older one in ``apply``; a missing table has no primary key columns at all.
-    pks = sorted(
-        (pk, name)
-        for _cid, name, _type, _notnull, _default, pk in conn.execute(
-            f"PRAGMA table_info({_MIGRATIONS_TABLE})"
-        )
-        if pk
-    )
-    return [name for _pk, name in pks] == ["id"]
-
-
-def _apply_migrations(conn: sqlite3.Connection) -> None:
-    """Run ``MIGRATIONS.apply``, unless plain sqlite3 shows it would do nothing.
-
-    ``apply`` does nothing when the migrations table exists in its current shape
-    and every migration is recorded: the usual start, which then never imports
-    sqlite-utils.
-    """
-    if _migrations_table_current(conn) and not (
-        {name for name, _fn in _STEPS} - set(_recorded_migrations(conn))
-    ):
-        return
-    from sqlite_utils import Database  # noqa: PLC0415 - only when a migration runs
-
-    _migrations().apply(Database(conn, execute_plugins=False))
-
-
-class _CorruptError(Exception):
-    """The file is not a usable SQLite journal (internal signal)."""
 
 
 @dataclass(slots=True)
@@ -204,95 +145,6 @@ class OpenResult:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
-    """Open a connection with the journal's pragmas.
-
-    Args:
-        path: the journal file.
-        read_only: a reader connection (``query_only``).
-
-    Returns:
-        A connection usable from any thread (callers serialise access).
-    """
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout = 5000")
-    if read_only:
-        conn.execute("PRAGMA query_only = 1")
-    else:
-        conn.execute("PRAGMA synchronous = FULL")
-    return conn
-
-
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return (code & 0xFF) in _CORRUPT_CODES
-    # Without an error code, only the plain DatabaseError class means corruption;
-    # OperationalError (locked, I/O, permissions) must never quarantine a file.
-    return type(exc) is sqlite3.DatabaseError
-
-
-def _check_header(path: Path) -> None:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return
-    if size == 0:
-        return
-    with path.open("rb") as fh:
-        header = fh.read(len(_SQLITE_MAGIC))
-    if header != _SQLITE_MAGIC:
-        raise _CorruptError("not an SQLite file (bad header)")
-
-
-def _run_check(conn: sqlite3.Connection, check: CheckMode) -> None:
-    if check == "none":
-        return
-    pragma = "integrity_check" if check == "integrity" else "quick_check"
-    rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}(20)").fetchall()]
-    if rows != ["ok"]:
-        raise _CorruptError(f"{pragma}: " + "; ".join(str(r) for r in rows[:5]))
-
-
-def _enable_wal(conn: sqlite3.Connection, path: Path) -> None:
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise JournalError(f"cannot enable WAL (journal_mode={mode})", path=str(path))
-
-
-def _open_checked(path: Path, check: CheckMode) -> sqlite3.Connection:
-    _check_header(path)
-    conn = connect(path)
-    try:
-        _enable_wal(conn, path)
-        _run_check(conn, check)
-        _apply_migrations(conn)
-        # sqlite-utils leaves the legacy isolation level alone; the writer wants
-        # explicit BEGIN/COMMIT only.
-        conn.isolation_level = None
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _quarantine(path: Path, reason: str) -> Path:
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        src = Path(f"{path}{suffix}")
-        if src.exists():
-            src.replace(Path(f"{target}{suffix}"))
-    logger.warning(
-        "journal %s is corrupt (%s): moved aside to %s; starting a fresh journal, "
-        "state will be rebuilt from an upstream snapshot",
-        path,
-        reason,
-        target,
-    )
-    return target
-
-
 def _load(conn: sqlite3.Connection, result: OpenResult) -> None:
     for stream, max_seq in conn.execute("SELECT stream, MAX(seq) FROM events GROUP BY stream"):
         result.next_seq[stream] = int(max_seq) + 1
@@ -310,29 +162,34 @@ def _load(conn: sqlite3.Connection, result: OpenResult) -> None:
         result.counters[key] = int(value)
 
 
-def _start_session(path: Path, check: CheckMode) -> OpenResult:
-    conn = _open_checked(path, check)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        (bd_seq,) = conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('bd_seq', 1) "
-            "ON CONFLICT (key) DO UPDATE SET value = value + 1 RETURNING value"
-        ).fetchone()
-        applied = len(_recorded_migrations(conn))
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (applied,),
-        )
-        conn.execute("COMMIT")
-        result = OpenResult(
-            conn=conn, quarantined_path=None, bd_seq=int(bd_seq), schema_version=applied
-        )
-        _load(conn, result)
-    except BaseException:
-        conn.close()
-        raise
+def _start_session(conn: sqlite3.Connection) -> OpenResult:
+    conn.execute("BEGIN IMMEDIATE")
+    (bd_seq,) = conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('bd_seq', 1) "
+        "ON CONFLICT (key) DO UPDATE SET value = value + 1 RETURNING value"
+    ).fetchone()
+    applied = len(_MIGRATION_SET.recorded(conn))
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (applied,),
+    )
+    conn.execute("COMMIT")
+    result = OpenResult(
+        conn=conn, quarantined_path=None, bd_seq=int(bd_seq), schema_version=applied
+    )
+    _load(conn, result)
     return result
+
+
+def _report_quarantine(path: Path, reason: str, target: Path) -> None:
+    logger.warning(
+        "journal %s is corrupt (%s): moved aside to %s; starting a fresh journal, "
+        "state will be rebuilt from an upstream snapshot",
+        path,
+        reason,
+        target,
+    )
 
 
 def open_journal_file(path: Path, *, check: CheckMode) -> OpenResult:
@@ -353,19 +210,13 @@ def open_journal_file(path: Path, *, check: CheckMode) -> OpenResult:
         JournalError: the file cannot be opened for a reason other than
             corruption (permissions, locked, missing directory...).
     """
-    quarantined: Path | None = None
-    try:
-        try:
-            result = _start_session(path, check)
-        except _CorruptError as exc:
-            quarantined = _quarantine(path, str(exc))
-            result = _start_session(path, check)
-        except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc):
-                raise
-            quarantined = _quarantine(path, str(exc))
-            result = _start_session(path, check)
-    except (sqlite3.Error, _CorruptError) as exc:
-        raise JournalError(f"cannot open journal: {exc}", path=str(path)) from exc
+    result, quarantined = open_store(
+        path,
+        check=check,
+        migrations=_MIGRATION_SET,
+        errors=ERRORS,
+        load=_start_session,
+        report_quarantine=_report_quarantine,
+    )
     result.quarantined_path = quarantined
     return result

@@ -8,6 +8,10 @@ directly: completion runs on the loop, in the journal facade.
 
 If a transaction fails, it is rolled back and its operations are retried one per
 transaction, so one bad write fails alone and never takes its batch with it.
+
+The thread, the queue and the group commit are :class:`edge_agent._sqlite.SqliteWriter`
+(shared with the relay's outbox); this module adds the journal's ops, its
+in-memory bookkeeping (next seqs, event bytes), quota drops and counters.
 """
 
 from __future__ import annotations
@@ -15,19 +19,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
-from edge_agent._journal_errors import JournalClosedError, JournalError, JournalWriteError
-from edge_agent._journal_schema import ROW_OVERHEAD, OpenResult
+from edge_agent._journal_errors import JournalError
+from edge_agent._journal_schema import ERRORS, ROW_OVERHEAD, OpenResult
 from edge_agent._journal_types import KIND_DROPPED, KIND_METRIC, Dot, StateEntry
+from edge_agent._sqlite import SqliteWriter, WriterLink
 
 __all__ = [
     "AckDeltasOp",
@@ -92,6 +95,9 @@ class AppendEventsOp(WriteOp):
 
     stream: str = ""
     events: Sequence[tuple[str, bytes, int]] = ()
+    #: metric events refused (and counted) instead of waiting when the queue is
+    #: full: the call's size when it carries only metrics, else 0.
+    refuse: int = 0
 
     def apply(self, w: JournalWriter) -> list[int]:
         return w.append_rows(self.stream, self.events)
@@ -161,13 +167,16 @@ class AckEventsOp(WriteOp):
         return w.ack_events(self.stream, self.seq)
 
 
-class JournalWriter:
+class JournalWriter(SqliteWriter[WriteOp]):
     """Owns the write connection and the thread that applies :class:`WriteOp`.
 
     All mutable bookkeeping (next seqs, byte count, counters) is touched only by
     the writer thread, except :attr:`refused_metrics`, which the event loop
     increments and the thread only reads when persisting counters.
     """
+
+    _errors = ERRORS
+    _logger = logger
 
     def __init__(
         self,
@@ -176,164 +185,51 @@ class JournalWriter:
         path: Path,
         quota_bytes: int,
         max_batch_rows: int,
-        loop: asyncio.AbstractEventLoop,
-        on_complete: Callable[[list[Completion]], None],
-        on_stopped: Callable[[], None],
+        link: WriterLink[WriteOp],
     ) -> None:
         """Prepare the writer; :meth:`start` launches its thread."""
-        self.conn = opened.conn
-        self.path = path
+        super().__init__(opened.conn, path=path, max_batch_rows=max_batch_rows, link=link)
         self.quota_bytes = quota_bytes
-        self.max_batch_rows = max_batch_rows
         self.next_seq: dict[str, int] = dict(opened.next_seq)
         self.acked: dict[str, int] = dict(opened.acked)
         self.event_bytes = opened.event_bytes
         self.event_rows = opened.event_rows
         self.counters: dict[str, int] = {k: opened.counters.get(k, 0) for k in _PERSISTED_COUNTERS}
         self.refused_metrics = self.counters["refused_metrics"]
-        self.transactions = 0
-        self.committed_writes = 0
         self._persisted = dict(self.counters)
         self._event_rows: list[tuple[str, int, str, bytes, int]] = []
-        self._loop = loop
-        self._on_complete = on_complete
-        self._on_stopped = on_stopped
-        self._queue: deque[WriteOp] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._paused = False
         self._over_quota_warned = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"journal-writer:{path.name}", daemon=True
-        )
 
-    # -- control (event-loop side) -------------------------------------------------
+    # -- transaction hooks (writer thread) ---------------------------------------------
 
-    def start(self) -> None:
-        """Start the writer thread."""
-        self._thread.start()
+    def _apply(self, op: WriteOp) -> object:
+        return op.apply(self)
 
-    def submit(self, op: WriteOp) -> None:
-        """Queue an op; the caller enforces the queue bound."""
-        with self._cond:
-            if self._stopping:
-                raise JournalClosedError("journal is closing", path=str(self.path))
-            self._queue.append(op)
-            self._cond.notify()
-
-    def stop(self) -> None:
-        """Ask the thread to commit everything queued, then exit."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-
-    def pause(self) -> None:
-        """Hold the thread before its next batch (tests: make batching observable)."""
-        with self._cond:
-            self._paused = True
-
-    def resume(self) -> None:
-        """Undo :meth:`pause`."""
-        with self._cond:
-            self._paused = False
-            self._cond.notify()
-
-    @property
-    def alive(self) -> bool:
-        """Whether the writer thread is running."""
-        return self._thread.is_alive()
-
-    # -- thread ------------------------------------------------------------------------
-
-    def _take(self) -> list[WriteOp] | None:
-        with self._cond:
-            while (not self._queue or self._paused) and not self._stopping:
-                self._cond.wait()
-            if not self._queue:
-                return None
-            batch = [self._queue.popleft()]
-            rows = batch[0].rows
-            while self._queue and rows + self._queue[0].rows <= self.max_batch_rows:
-                op = self._queue.popleft()
-                rows += op.rows
-                batch.append(op)
-            return batch
-
-    def _run(self) -> None:
-        failure: BaseException | None = None
-        try:
-            while (batch := self._take()) is not None:
-                self._commit(batch)
-            self._persist_final()
-        except BaseException as exc:  # a bug: never leave callers hanging
-            failure = exc
-            logger.exception("journal writer for %s stopped on an unexpected error", self.path)
-        finally:
-            with self._cond:
-                self._stopping = True
-                leftover = list(self._queue)
-                self._queue.clear()
-            if leftover:
-                err = JournalClosedError("journal writer stopped", path=str(self.path))
-                if failure is not None:
-                    err.__cause__ = failure
-                self._deliver([(op, None, err) for op in leftover])
-            try:
-                self.conn.close()
-            except sqlite3.Error:
-                logger.warning("error closing journal %s", self.path, exc_info=True)
-            self._call_loop(self._on_stopped)
-
-    def _call_loop(self, fn: Callable[..., object], *args: object) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # loop closed: nobody is left to tell
-            logger.debug("event loop closed; dropping journal completion")
-
-    def _deliver(self, items: list[Completion]) -> None:
-        if items:
-            self._call_loop(self._on_complete, items)
-
-    def _commit(self, batch: list[WriteOp]) -> None:
-        saved = (
+    def _snapshot(self) -> object:
+        return (
             dict(self.next_seq),
             dict(self.acked),
             self.event_bytes,
             self.event_rows,
             dict(self.counters),
         )
-        results: list[Completion] = []
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            results.extend((op, op.apply(self), None) for op in batch)
-            self.flush_events()
-            self._enforce_quota()
-            self._persist_counters()
-            self.conn.execute("COMMIT")
-        except Exception as exc:  # isolated and reported per op below
-            self._event_rows.clear()
-            if self.conn.in_transaction:
-                try:
-                    self.conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    logger.warning("journal %s: rollback failed", self.path, exc_info=True)
-            self.next_seq, self.acked, self.event_bytes, self.event_rows, self.counters = saved
-            if len(batch) > 1:
-                for op in batch:
-                    self._commit([op])
-                return
-            if isinstance(exc, JournalError):
-                err: JournalError = exc
-            else:
-                err = JournalWriteError(f"write failed: {exc}", path=str(self.path))
-                err.__cause__ = exc
-            logger.debug("journal %s: write failed: %s", self.path, exc)
-            self._deliver([(batch[0], None, err)])
-            return
-        self.transactions += 1
-        self.committed_writes += len(batch)
+
+    def _restore(self, snapshot: object) -> None:
+        self._event_rows.clear()
+        (self.next_seq, self.acked, self.event_bytes, self.event_rows, self.counters) = cast(
+            "tuple[dict[str, int], dict[str, int], int, int, dict[str, int]]", snapshot
+        )
+
+    def _before_commit(self, batch: list[WriteOp]) -> None:
+        self.flush_events()
+        self._enforce_quota()
+        self._persist_counters()
+
+    def _after_commit(self, batch: list[WriteOp]) -> None:
         self._persisted.update(self.counters)
-        self._deliver(results)
+
+    def _finish(self) -> None:
+        self._persist_final()
 
     # -- helpers used by ops (writer thread, inside a transaction) ---------------------
 

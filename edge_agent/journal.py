@@ -16,7 +16,9 @@ Concurrency: one writer thread owns the write connection and commits in groups
 (many callers' writes per ``COMMIT`` with ``synchronous=FULL``); every write
 call returns only after the COMMIT that made it durable. Reads run on a
 dedicated reader thread with its own connection (WAL lets them proceed during
-writes). The event loop never runs SQLite.
+writes). The event loop never runs SQLite. That machinery (writer thread, bounded
+queue, reader thread, open/check/quarantine) is :mod:`edge_agent._sqlite`, shared
+with the relay's outbox.
 
 Overflow policy of the bounded write queue (``max_pending_rows``): a write of
 state, deltas, acks or non-metric events **waits** for room (backpressure); an
@@ -43,14 +45,10 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Self, cast
 
 from edge_agent._journal_errors import (
     JournalClosedError,
@@ -58,7 +56,7 @@ from edge_agent._journal_errors import (
     JournalOverflowError,
     JournalWriteError,
 )
-from edge_agent._journal_schema import CheckMode, connect, open_journal_file
+from edge_agent._journal_schema import ERRORS, CheckMode, open_journal_file
 from edge_agent._journal_types import (
     KIND_DROPPED,
     KIND_METRIC,
@@ -74,11 +72,11 @@ from edge_agent._journal_writer import (
     AckDeltasThroughOp,
     AckEventsOp,
     AppendEventsOp,
-    Completion,
     JournalWriter,
     PutStateOp,
     WriteOp,
 )
+from edge_agent._sqlite import SqliteStore
 
 __all__ = [
     "Delta",
@@ -96,7 +94,6 @@ __all__ = [
     "StateEntry",
 ]
 
-_T = TypeVar("_T")
 _MAX_NAME = 255
 
 _STATE_COLUMNS = "scope, key, value, hlc, origin, counter, tombstone"
@@ -107,7 +104,7 @@ def _row_to_state(row: tuple[Any, ...]) -> StateEntry:
     return StateEntry(scope, key, bytes(value), int(hlc), origin, int(counter), bool(tombstone))
 
 
-class Journal:
+class Journal(SqliteStore[WriteOp, JournalWriter]):
     """The agent's durable local journal (an async context manager).
 
     Create it with :meth:`open` and enter it with ``async with``; leaving the
@@ -141,23 +138,12 @@ class Journal:
         """
         if quota_bytes <= 0 or max_batch_rows <= 0 or max_pending_rows <= 0:
             raise JournalError("quota_bytes, max_batch_rows and max_pending_rows must be > 0")
-        self._path = Path(path)
+        super().__init__(Path(path), errors=ERRORS, max_pending_rows=max_pending_rows)
         self._quota_bytes = quota_bytes
         self._check: CheckMode = check
         self._max_batch_rows = max_batch_rows
-        self._max_pending_rows = max_pending_rows
-        self._writer: JournalWriter | None = None
-        self._reader: sqlite3.Connection | None = None
-        self._read_executor: ThreadPoolExecutor | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopped: asyncio.Future[None] | None = None
-        self._pending_rows = 0
-        self._space_waiters: list[asyncio.Future[None]] = []
-        self._closing = False
-        self._closed = False
         self._bd_seq = 0
         self._schema_version = 0
-        self._quarantined: Path | None = None
 
     @classmethod
     def open(
@@ -181,20 +167,6 @@ class Journal:
             max_pending_rows=max_pending_rows,
         )
 
-    async def __aenter__(self) -> Self:
-        """Open the file (off the loop) and start the writer and reader threads."""
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Flush and close, see :meth:`aclose`."""
-        await self.aclose()
-
     async def start(self) -> None:
         """Open the file, run the integrity check and migrations, start the threads.
 
@@ -205,36 +177,18 @@ class Journal:
             JournalError: already started, or the file cannot be opened for a
                 reason other than corruption.
         """
-        if self._writer is not None or self._closed:
-            raise JournalError("journal already started", path=str(self._path))
-        loop = asyncio.get_running_loop()
-        opened = await asyncio.to_thread(open_journal_file, self._path, check=self._check)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-reader")
-        try:
-            reader = await loop.run_in_executor(
-                executor, lambda: connect(self._path, read_only=True)
-            )
-        except BaseException:
-            executor.shutdown(wait=False)
-            opened.conn.close()
-            raise
-        self._loop = loop
-        self._stopped = loop.create_future()
-        self._reader = reader
-        self._read_executor = executor
+        opened = await self._open_file(lambda: open_journal_file(self._path, check=self._check))
         self._bd_seq = opened.bd_seq
         self._schema_version = opened.schema_version
-        self._quarantined = opened.quarantined_path
-        self._writer = JournalWriter(
-            opened,
-            path=self._path,
-            quota_bytes=self._quota_bytes,
-            max_batch_rows=self._max_batch_rows,
-            loop=loop,
-            on_complete=self._complete,
-            on_stopped=self._on_writer_stopped,
+        self._launch(
+            JournalWriter(
+                opened,
+                path=self._path,
+                quota_bytes=self._quota_bytes,
+                max_batch_rows=self._max_batch_rows,
+                link=self._link,
+            )
         )
-        self._writer.start()
 
     async def aclose(self) -> None:
         """Commit every queued write, then stop the threads and close the file.
@@ -243,19 +197,7 @@ class Journal:
         writes already queued are committed and their callers see success.
         Idempotent.
         """
-        if self._closed or self._writer is None or self._stopped is None:
-            self._closed = True
-            return
-        self._closing = True
-        self._wake_space_waiters()
-        self._writer.stop()
-        await asyncio.shield(self._stopped)
-        if not self._closed:
-            self._closed = True
-            if self._read_executor is not None and self._reader is not None:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._read_executor, self._reader.close)
-                self._read_executor.shutdown(wait=False)
+        await self._close()
 
     # -- properties ----------------------------------------------------------------
 
@@ -340,9 +282,9 @@ class Journal:
             if type(payload) is not bytes:
                 raise JournalError(f"event payload must be bytes, not {type(payload).__name__}")
             rows.append((kind, payload, now_ms if ev.ts_ms is None else ev.ts_ms))
-        op = AppendEventsOp(self._new_future(), len(rows), stream, rows)
         refuse = metrics if metrics == len(rows) else 0
-        return cast(list[int], await self._run(op, refuse=refuse))
+        op = AppendEventsOp(self._new_future(), len(rows), stream, rows, refuse)
+        return cast(list[int], await self._run(op))
 
     async def put_state(
         self, entries: Sequence[StateEntry], *, deltas: Sequence[Delta] = ()
@@ -490,79 +432,18 @@ class Journal:
 
     # -- internals -------------------------------------------------------------------
 
-    def _check_open(self) -> JournalWriter:
-        if self._writer is None or self._closing:
-            raise JournalClosedError(
-                "journal is closed" if self._closing else "journal not started",
+    def _on_queue_full(self, op: WriteOp) -> None:
+        # Metrics are periodic samples: refuse a metrics-only append (the next
+        # sample supersedes it) rather than make the sampler wait.
+        if isinstance(op, AppendEventsOp) and op.refuse:
+            writer = self._check_open()
+            writer.refused_metrics += op.refuse
+            raise JournalOverflowError(
+                pending_rows=self._pending_rows,
+                limit_rows=self._max_pending_rows,
+                refused=op.refuse,
                 path=str(self._path),
             )
-        return self._writer
-
-    def _new_future(self) -> asyncio.Future[Any]:
-        self._check_open()
-        assert self._loop is not None
-        return self._loop.create_future()
-
-    async def _run(self, op: WriteOp, *, refuse: int = 0) -> object:
-        writer = self._check_open()
-        while self._pending_rows > 0 and self._pending_rows + op.rows > self._max_pending_rows:
-            if refuse:
-                writer.refused_metrics += refuse
-                raise JournalOverflowError(
-                    pending_rows=self._pending_rows,
-                    limit_rows=self._max_pending_rows,
-                    refused=refuse,
-                    path=str(self._path),
-                )
-            waiter: asyncio.Future[None] = op.future.get_loop().create_future()
-            self._space_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-            writer = self._check_open()
-        self._pending_rows += op.rows
-        try:
-            writer.submit(op)
-        except BaseException:
-            self._pending_rows -= op.rows
-            raise
-        return await op.future
-
-    def _complete(self, items: list[Completion]) -> None:
-        for op, result, exc in items:
-            self._pending_rows -= op.rows
-            fut = op.future
-            if fut.done():  # the caller was cancelled; the write still happened
-                continue
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-        self._wake_space_waiters()
-
-    def _wake_space_waiters(self) -> None:
-        waiters, self._space_waiters = self._space_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    def _on_writer_stopped(self) -> None:
-        self._closing = True
-        self._wake_space_waiters()
-        if self._stopped is not None and not self._stopped.done():
-            self._stopped.set_result(None)
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        self._check_open()
-        reader, executor = self._reader, self._read_executor
-        assert reader is not None and executor is not None
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(executor, fn, reader)
-        except sqlite3.Error as exc:
-            raise JournalError(f"read failed: {exc}", path=str(self._path)) from exc
 
 
 def _check_name(what: str, value: str) -> None:

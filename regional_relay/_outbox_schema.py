@@ -1,29 +1,37 @@
 """Opening the outbox file: pragmas, integrity check, quarantine, migrations.
 
-Blocking; runs off the event loop. Same choices as the agent's journal
-(``edge_agent._journal_schema``): WAL, ``synchronous=FULL``, a full
-``PRAGMA integrity_check`` at open by default, a corrupt file moved aside to
-``<name>.corrupt-<UTC timestamp>`` (with its ``-wal`` and ``-shm``) and a fresh
-outbox created, never a crash loop. The connection helper is the journal's; the
-open/quarantine sequence is repeated here in small because the journal's is tied
-to its own migrations and errors (see the report to the lead: a shared
-``open_checked(path, migrations, check)`` would serve both).
+Blocking; runs off the event loop. Same choices as the agent's journal, through
+the same code (:func:`edge_agent._sqlite.open_store`): WAL, ``synchronous=FULL``,
+a full ``PRAGMA integrity_check`` at open by default, a corrupt file moved aside
+to ``<name>.corrupt-<UTC timestamp>`` (with its ``-wal`` and ``-shm``) and a fresh
+outbox created, never a crash loop. sqlite-utils is imported only when a
+migration must actually run. This module holds what is the outbox's own: its
+tables, what it loads at open and how a quarantine is reported.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
-from sqlite_utils import Database, Migrations
+from edge_agent._sqlite import CheckMode, MigrationSet, StoreErrors, connect, open_store
+from regional_relay._exceptions import OutboxClosedError, OutboxError, OutboxWriteError
 
-from edge_agent._journal_schema import CheckMode, connect
-from regional_relay._exceptions import OutboxError
+if TYPE_CHECKING:
+    from sqlite_utils import Database, Migrations
 
-__all__ = ["MIGRATIONS", "ROW_OVERHEAD", "CheckMode", "OpenedOutbox", "connect", "open_outbox_file"]
+__all__ = [
+    "ERRORS",
+    "MIGRATIONS",
+    "ROW_OVERHEAD",
+    "CheckMode",
+    "OpenedOutbox",
+    "connect",
+    "open_outbox_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +39,12 @@ ROW_OVERHEAD = 64
 """Approximate bytes per item on top of its payload (id, device, kind, b-tree),
 counted against the quota."""
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+ERRORS: Final = StoreErrors(
+    label="outbox", base=OutboxError, closed=OutboxClosedError, write=OutboxWriteError
+)
+"""The outbox's name and error classes, for the shared machinery."""
 
-MIGRATIONS = Migrations("novacron_relay_outbox")
 
-
-@MIGRATIONS(name="0001_initial")
 def _m0001_initial(db: Database) -> None:
     for statement in (
         # AUTOINCREMENT: an id is never reused, even after the newest row is
@@ -67,8 +74,20 @@ def _m0001_initial(db: Database) -> None:
         db.execute(statement)
 
 
-class _CorruptError(Exception):
-    """The file is not a usable SQLite outbox (internal signal)."""
+_MIGRATION_SET: Final = MigrationSet(
+    "novacron_relay_outbox",
+    (("0001_initial", _m0001_initial),),
+)
+"""The outbox's migrations, in order: (name, function). Append only."""
+
+
+# MIGRATIONS (the sqlite-utils object) is built on first use so that importing
+# this module does not import sqlite-utils.
+__getattr__ = _MIGRATION_SET.module_getattr(__name__)
+
+
+if TYPE_CHECKING:
+    MIGRATIONS: Migrations
 
 
 @dataclass(slots=True)
@@ -92,42 +111,6 @@ class OpenedOutbox:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return (code & 0xFF) in _CORRUPT_CODES
-    # Only the plain DatabaseError class means corruption; locked, I/O or
-    # permission errors must never quarantine a file.
-    return type(exc) is sqlite3.DatabaseError
-
-
-def _open_checked(path: Path, check: CheckMode) -> sqlite3.Connection:
-    if path.exists() and path.stat().st_size > 0:
-        with path.open("rb") as fh:
-            if fh.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
-                raise _CorruptError("not an SQLite file (bad header)")
-    conn = connect(path)
-    try:
-        _prepare(conn, path, check)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _prepare(conn: sqlite3.Connection, path: Path, check: CheckMode) -> None:
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise OutboxError(f"cannot enable WAL (journal_mode={mode})", path=str(path))
-    if check != "none":
-        pragma = "integrity_check" if check == "integrity" else "quick_check"
-        rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}(20)").fetchall()]
-        if rows != ["ok"]:
-            raise _CorruptError(f"{pragma}: " + "; ".join(str(r) for r in rows[:5]))
-    MIGRATIONS.apply(Database(conn, execute_plugins=False))
-    conn.isolation_level = None  # explicit BEGIN/COMMIT only
-
-
 def _load(conn: sqlite3.Connection) -> OpenedOutbox:
     opened = OpenedOutbox(conn=conn)
     depth, total, max_id = conn.execute(
@@ -140,13 +123,7 @@ def _load(conn: sqlite3.Connection) -> OpenedOutbox:
     return opened
 
 
-def _quarantine(path: Path, reason: str) -> Path:
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        src = Path(f"{path}{suffix}")
-        if src.exists():
-            src.replace(Path(f"{target}{suffix}"))
+def _report_quarantine(path: Path, reason: str, target: Path) -> None:
     logger.error(
         "outbox %s is corrupt (%s): moved aside to %s and starting empty; items it held "
         "that were acknowledged to agents but not yet to the hub may be lost (the moved "
@@ -155,16 +132,6 @@ def _quarantine(path: Path, reason: str) -> Path:
         reason,
         target,
     )
-    return target
-
-
-def _open(path: Path, check: CheckMode) -> OpenedOutbox:
-    conn = _open_checked(path, check)
-    try:
-        return _load(conn)
-    except BaseException:
-        conn.close()
-        raise
 
 
 def open_outbox_file(path: Path, *, check: CheckMode) -> OpenedOutbox:
@@ -180,19 +147,14 @@ def open_outbox_file(path: Path, *, check: CheckMode) -> OpenedOutbox:
     Raises:
         OutboxError: the file cannot be opened for a reason other than corruption.
     """
-    quarantined: Path | None = None
-    try:
-        try:
-            opened = _open(path, check)
-        except _CorruptError as exc:
-            quarantined = _quarantine(path, str(exc))
-            opened = _open(path, check)
-        except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc):
-                raise
-            quarantined = _quarantine(path, str(exc))
-            opened = _open(path, check)
-    except (sqlite3.Error, _CorruptError, OSError) as exc:
-        raise OutboxError(f"cannot open outbox: {exc}", path=str(path)) from exc
+    opened, quarantined = open_store(
+        path,
+        check=check,
+        migrations=_MIGRATION_SET,
+        errors=ERRORS,
+        load=_load,
+        report_quarantine=_report_quarantine,
+        also_wrap=(OSError,),
+    )
     opened.quarantined_path = quarantined
     return opened

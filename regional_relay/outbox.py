@@ -16,7 +16,8 @@ What it holds:
   ``over_quota_other``), readable with :meth:`Outbox.stats` for the hub's
   ``/metrics``.
 
-Concurrency, as in the agent's journal: one writer thread commits in groups with
+Concurrency, as in the agent's journal and through the same code
+(:mod:`edge_agent._sqlite`): one writer thread commits in groups with
 ``synchronous=FULL`` (each write call returns after the COMMIT that made it
 durable); reads run on one reader thread with its own connection; the event loop
 never runs SQLite. The write queue is bounded (``max_pending_rows``): a write
@@ -49,26 +50,29 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar, cast
+from typing import Any, Final, Literal, Self, cast
 
+from edge_agent._sqlite import SqliteStore
 from regional_relay._exceptions import (
     OutboxClosedError,
     OutboxError,
     OutboxFullError,
     OutboxWriteError,
 )
-from regional_relay._outbox_schema import ROW_OVERHEAD, CheckMode, connect, open_outbox_file
+from regional_relay._outbox_schema import (
+    ERRORS,
+    ROW_OVERHEAD,
+    CheckMode,
+    OpenedOutbox,
+    open_outbox_file,
+)
 from regional_relay._outbox_writer import (
     AppendOp,
-    Completion,
     CountersOp,
     DeleteOp,
     OutboxWriter,
@@ -105,7 +109,6 @@ _COUNTERS: Final = (
     "over_quota_other",
 )
 _MAX_NAME: Final = 255
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +176,7 @@ class OutboxStats:
     transactions: int
 
 
-class Outbox:
+class Outbox(SqliteStore[WriteOp, OutboxWriter]):
     """The relay's durable outbox (an async context manager).
 
     Create with :meth:`open` (or :meth:`for_config`) and enter with
@@ -209,23 +212,12 @@ class Outbox:
             raise OutboxError("quota_bytes, max_batch_rows and max_pending_rows must be > 0")
         if policy not in _POLICIES:
             raise OutboxError(f"unknown overflow policy {policy!r}")
-        self._path = Path(path)
+        super().__init__(Path(path), errors=ERRORS, max_pending_rows=max_pending_rows)
         self._quota_bytes = quota_bytes
         self._policy: OverflowPolicy = policy
         self._check: CheckMode = check
         self._max_batch_rows = max_batch_rows
-        self._max_pending_rows = max_pending_rows
-        self._writer: OutboxWriter | None = None
-        self._reader: sqlite3.Connection | None = None
-        self._read_executor: ThreadPoolExecutor | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopped: asyncio.Future[None] | None = None
-        self._pending_rows = 0
         self._pending_bytes = 0
-        self._space_waiters: list[asyncio.Future[None]] = []
-        self._closing = False
-        self._closed = False
-        self._quarantined: Path | None = None
         self._depth = 0
         self._bytes = 0
         self._counters: Counter[str] = Counter()
@@ -265,20 +257,6 @@ class Outbox:
             check=config.outbox.integrity_check,
         )
 
-    async def __aenter__(self) -> Self:
-        """Open the file (off the loop) and start the writer and reader threads."""
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Flush and close, see :meth:`aclose`."""
-        await self.aclose()
-
     async def start(self) -> None:
         """Open the file, run the integrity check and migrations, start the threads.
 
@@ -288,43 +266,25 @@ class Outbox:
             OutboxError: already started, or the file cannot be opened for a
                 reason other than corruption.
         """
-        if self._writer is not None or self._closed:
-            raise OutboxError("outbox already started", path=str(self._path))
-        loop = asyncio.get_running_loop()
 
-        def open_file() -> Any:
+        def open_file() -> OpenedOutbox:
             try:
                 self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
                 raise OutboxError(f"cannot create directory: {exc}", path=str(self._path)) from exc
             return open_outbox_file(self._path, check=self._check)
 
-        opened = await asyncio.to_thread(open_file)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
-        try:
-            reader = await loop.run_in_executor(
-                executor, lambda: connect(self._path, read_only=True)
-            )
-        except BaseException:
-            executor.shutdown(wait=False)
-            opened.conn.close()
-            raise
-        self._loop = loop
-        self._stopped = loop.create_future()
-        self._reader = reader
-        self._read_executor = executor
-        self._quarantined = opened.quarantined_path
+        opened = await self._open_file(open_file)
         self._depth, self._bytes = opened.depth, opened.bytes
         self._counters = Counter({k: opened.counters.get(k, 0) for k in _COUNTERS})
-        self._writer = OutboxWriter(
-            opened,
-            path=self._path,
-            max_batch_rows=self._max_batch_rows,
-            loop=loop,
-            on_complete=self._complete,
-            on_stopped=self._on_writer_stopped,
+        self._launch(
+            OutboxWriter(
+                opened,
+                path=self._path,
+                max_batch_rows=self._max_batch_rows,
+                link=self._link,
+            )
         )
-        self._writer.start()
 
     async def aclose(self) -> None:
         """Commit every queued write (and unflushed counters), then close. Idempotent.
@@ -332,23 +292,7 @@ class Outbox:
         Writes still waiting for queue room fail with :class:`OutboxClosedError`;
         writes already queued are committed and their callers see success.
         """
-        if self._closed or self._writer is None or self._stopped is None:
-            self._closed = True
-            return
-        if self._unflushed and not self._closing:
-            op = CountersOp(self._new_future(), 1, self._take_unflushed())
-            self._pending_rows += 1
-            self._writer.submit(op)
-        self._closing = True
-        self._wake_space_waiters()
-        self._writer.stop()
-        await asyncio.shield(self._stopped)
-        if not self._closed:
-            self._closed = True
-            if self._read_executor is not None and self._reader is not None:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._read_executor, self._reader.close)
-                self._read_executor.shutdown(wait=False)
+        await self._close()
 
     # -- properties ------------------------------------------------------------------
 
@@ -579,95 +523,36 @@ class Outbox:
         carried, self._unflushed = dict(self._unflushed), Counter()
         return carried
 
-    def _check_open(self) -> OutboxWriter:
-        if self._writer is None or self._closing:
-            raise OutboxClosedError(
-                "outbox is closed" if self._closing else "outbox not started",
-                path=str(self._path),
-            )
-        return self._writer
+    # -- hooks of the shared front (edge_agent._sqlite.SqliteStore) -----------------
 
-    def _new_future(self) -> asyncio.Future[Any]:
-        self._check_open()
-        assert self._loop is not None
-        return self._loop.create_future()
+    def _pending_changed(self, op: WriteOp, sign: int) -> None:
+        self._pending_bytes += sign * op.weight
 
-    async def _run(self, op: WriteOp) -> object:
-        writer = self._check_open()
-        while self._pending_rows > 0 and self._pending_rows + op.rows > self._max_pending_rows:
-            waiter: asyncio.Future[None] = op.future.get_loop().create_future()
-            self._space_waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                self._unflushed.update(op.carried)
-                raise
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-            try:
-                writer = self._check_open()
-            except OutboxClosedError:
-                self._unflushed.update(op.carried)
-                raise
-        self._pending_rows += op.rows
-        self._pending_bytes += op.weight
-        try:
+    def _not_queued(self, op: WriteOp) -> None:
+        self._unflushed.update(op.carried)  # persist them with a later write
+
+    def _settle(self, op: WriteOp, outcome: object, exc: BaseException | None) -> object:
+        if exc is not None:
+            self._unflushed.update(op.carried)  # persist them with a later write
+        elif isinstance(op, AppendOp):
+            self._depth += len(op.items)
+            self._bytes += sum(row[3] for row in op.items)
+            self._counters["appended"] += len(op.items)
+        elif isinstance(op, DeleteOp):
+            count, freed = cast(tuple[int, int], outcome)
+            self._depth -= count
+            self._bytes -= freed
+            self._counters["deleted"] += count
+            return count
+        return outcome
+
+    def _before_close(self) -> None:
+        # Refusal counters with no stored item to ride on are committed at close.
+        if self._unflushed and not self._closing:
+            writer = self._check_open()
+            op = CountersOp(self._new_future(), 1, self._take_unflushed())
+            self._pending_rows += 1
             writer.submit(op)
-        except BaseException:
-            self._pending_rows -= op.rows
-            self._pending_bytes -= op.weight
-            self._unflushed.update(op.carried)
-            raise
-        return await op.future
-
-    def _complete(self, items: list[Completion]) -> None:
-        for op, outcome, exc in items:
-            result = outcome
-            self._pending_rows -= op.rows
-            self._pending_bytes -= op.weight
-            if exc is not None:
-                self._unflushed.update(op.carried)  # persist them with a later write
-            elif isinstance(op, AppendOp):
-                self._depth += len(op.items)
-                self._bytes += sum(row[3] for row in op.items)
-                self._counters["appended"] += len(op.items)
-            elif isinstance(op, DeleteOp):
-                count, freed = cast(tuple[int, int], outcome)
-                self._depth -= count
-                self._bytes -= freed
-                self._counters["deleted"] += count
-                result = count
-            fut = op.future
-            if fut.done():  # the caller was cancelled; the write still happened
-                continue
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-        self._wake_space_waiters()
-
-    def _wake_space_waiters(self) -> None:
-        waiters, self._space_waiters = self._space_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    def _on_writer_stopped(self) -> None:
-        self._closing = True
-        self._wake_space_waiters()
-        if self._stopped is not None and not self._stopped.done():
-            self._stopped.set_result(None)
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        self._check_open()
-        reader, executor = self._reader, self._read_executor
-        assert reader is not None and executor is not None
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(executor, fn, reader)
-        except sqlite3.Error as exc:
-            raise OutboxError(f"read failed: {exc}", path=str(self._path)) from exc
 
 
 def _check_name(what: str, value: str) -> None:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -18,6 +14,7 @@ import msgpack
 import pytest
 
 from edge_agent.journal import Delta, EventIn, Journal, StateEntry
+from tests.sqlite_helpers import imports_sqlite_utils, sigkill_mid_stream
 
 QUOTA = 64 << 20
 
@@ -205,31 +202,7 @@ _CHILD = textwrap.dedent(
 
 def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(path)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    printed: list[int] = []
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        while len(printed) < 1500:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            printed.append(int(line))
-        os.kill(proc.pid, signal.SIGKILL)
-        # Lines already written before the kill are still in the pipe.
-        printed.extend(int(line) for line in proc.stdout if line.strip())
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert len(printed) >= 1500 and printed == list(range(1, len(printed) + 1))
+    printed = sigkill_mid_stream(_CHILD, path, at_least=1500)
 
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -249,3 +222,14 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> None:
             assert await j.append_events("d/ev", [EventIn("event", b"after")]) == [len(present) + 1]
 
     run(reopen)
+
+
+def test_sqlite_utils_is_imported_only_when_a_migration_runs(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    imports = "from edge_agent.journal import EventIn, Journal"
+    body = """
+async with Journal.open(path, quota_bytes=1 << 20) as j:
+    await j.append_events("s", [EventIn("event", b"x")])
+    """
+    assert imports_sqlite_utils(imports, body, path)  # a new file: the migrations run
+    assert not imports_sqlite_utils(imports, body, path)  # up to date: never imported

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import pytest
 
 from regional_relay.outbox import ItemIn, Outbox, OutboxClosedError, OutboxFullError
 from sync._exceptions import CrdtError
+from tests.sqlite_helpers import imports_sqlite_utils, sigkill_mid_stream
 
 QUOTA = 64 << 20
 
@@ -210,29 +208,7 @@ _CHILD = textwrap.dedent(
 
 def test_sigkill_while_appending_loses_no_returned_id(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    assert proc.stdout is not None
-    printed: list[int] = []
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        while len(printed) < 500:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            printed.append(int(line))
-        os.kill(proc.pid, signal.SIGKILL)
-        printed.extend(int(line) for line in proc.stdout if line.strip())
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert len(printed) >= 500 and printed == list(range(1, len(printed) + 1))
+    printed = sigkill_mid_stream(_CHILD, path, at_least=500)
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -241,3 +217,14 @@ def test_sigkill_while_appending_loses_no_returned_id(tmp_path: Path) -> None:
         conn.close()
     for item_id in printed:
         assert rows[item_id] == b"e%d" % (item_id - 1)
+
+
+def test_sqlite_utils_is_imported_only_when_a_migration_runs(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    imports = "from regional_relay.outbox import ItemIn, Outbox"
+    body = """
+async with Outbox.open(path, quota_bytes=1 << 20) as box:
+    await box.append([ItemIn("gw-1", "delta", b"x")])
+    """
+    assert imports_sqlite_utils(imports, body, path)  # a new file: the migrations run
+    assert not imports_sqlite_utils(imports, body, path)  # up to date: never imported
