@@ -18,6 +18,7 @@ from sync._exceptions import ConfigError, NovaCronError
 # Modules exposing ``register(subparsers: argparse._SubParsersAction) -> None``.
 # A subcommand is listed only once its capability exists.
 _COMMAND_MODULES: tuple[str, ...] = (
+    "cloud_hub._cli",
     "edge_agent._cli",
     "firmware_profiles._cli",
     "regional_relay._cli",
