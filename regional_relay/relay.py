@@ -405,7 +405,12 @@ class Relay(Service):
         size: int,
     ) -> bool:
         writes: list[Awaitable[object]] = [self.outbox.append(items)] if items else []
-        writes += [self.outbox.put_state(s, e) for s, e in self._state_entries(changed).items()]
+        # A device's own scope is not persisted here: the relay never serves it
+        # (its envelopes are forwarded verbatim), and after a relay restart the
+        # device's next HELLO re-sends it, which the hub dedupes by dot. Only
+        # desired state (the replica agents sync from) and cursors are kept.
+        kept = {s: k for s, k in changed.items() if _is_desired(s)}
+        writes += [self.outbox.put_state(s, e) for s, e in self._state_entries(kept).items()]
         if cursors:
             writes.append(self.outbox.put_state(CURSORS_SCOPE, cursors))
         try:
