@@ -264,7 +264,7 @@ class Agent(Service):
         # Release what upstream has acknowledged at the application level.
         peer = session.peer_vv.get(self.state.scope_name)
         if peer is not None:
-            mine = peer.contiguous(self.config.device_id) if hasattr(peer, "contiguous") else 0
+            mine = peer.contiguous(self.config.device_id)
             if mine:
                 await self.journal.ack_deltas_through(
                     self.state.scope_name, {self.config.device_id: mine}

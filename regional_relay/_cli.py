@@ -39,16 +39,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_relay_config(args.config)
     # Imported only here: the relay daemon is the heaviest part of the package.
-    try:
-        from regional_relay.relay import (  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
-            run_relay,
-        )
-    except ModuleNotFoundError as exc:
-        if exc.name != "regional_relay.relay":
-            raise
-        from regional_relay._exceptions import RelayError  # noqa: PLC0415
-
-        raise RelayError("this build has no relay daemon (regional_relay.relay)") from exc
+    from regional_relay.relay import run_relay  # noqa: PLC0415
 
     result: int = asyncio.run(run_relay(config))
     return result

@@ -59,7 +59,7 @@ from regional_relay.config import (
     read_device_keys,
     read_hub_key,
 )
-from regional_relay.outbox import ItemIn, Outbox, OutboxItem
+from regional_relay.outbox import ItemIn, ItemKind, Outbox, OutboxItem
 from regional_relay.presence import PresenceTracker
 from sync._exceptions import NovaCronError
 from sync.envelope import decode_envelope, decode_envelope_unverified, packb, unpackb_strict
@@ -301,7 +301,7 @@ class Relay(Service):
         if peek.src != device:
             self._reject("src_mismatch")
             return
-        kind = "delta"
+        kind: ItemKind = "delta"
         stream = ""
         if peek.type == EVENTS:
             stream = self._stream_of(peek.body)
@@ -327,7 +327,7 @@ class Relay(Service):
             peek.type == EVENTS and self._inbox_next(device, stream) > before
         )
         if accepted:
-            items.append(ItemIn(device, kind, data))  # type: ignore[arg-type]
+            items.append(ItemIn(device, kind, data))
             if kind == "metric" and self.downsampler is not None:
                 self._downsample(device, peek.body)
         changed, self._changed = self._changed, {}
