@@ -125,6 +125,9 @@ class Agent(Service):
         )
         self.drivers = self._given_drivers or await self._open_drivers()
         self.supervisor = Supervisor(self.drivers, self.state, self, settings=cfg.supervisor)
+        for driver in self.drivers.values():
+            if hasattr(driver, "on_exit"):  # drivers that can tell: react to exits at once
+                driver.on_exit = lambda _name: self.supervisor.notify()
         await self._open_task_group()
         # Reconcile from the journal now: no network needed for workloads to run.
         self._spawn(self.supervisor.run(), name="supervisor")

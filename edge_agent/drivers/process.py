@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -113,6 +113,9 @@ class ProcessDriver:
         self._stack: AsyncExitStack | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._closed = False
+        self.on_exit: Callable[[str], None] | None = None
+        """Called with the workload name when a child exits (the supervisor's
+        wake-up: a crash is handled at once, not at the next reconcile tick)."""
 
     @property
     def name(self) -> str:
@@ -373,6 +376,8 @@ class ProcessDriver:
             await asyncio.to_thread(self._pid_path(entry.spec.name).unlink, missing_ok=True)
         entry.exited.set()
         logger.info("process workload %s %s", entry.spec.name, entry.reason)
+        if self.on_exit is not None:
+            self.on_exit(entry.spec.name)
 
     async def _stop_entry(self, name: str) -> None:
         entry = self._entries.get(name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -210,3 +212,25 @@ async def test_link_fails_over_along_the_relay_list(
         await wait_until(agent.link.connected.is_set)
         assert agent.link.stats.connect_failures >= 1
         assert agent.link.stats.connected_to == f"127.0.0.1:{mosquitto.port}"
+
+
+async def test_a_crashed_process_is_restarted_without_waiting_for_the_timer(
+    tmp_path: Path,
+) -> None:
+    """The process driver tells the supervisor of an exit at once (the reconcile
+    timer here is an hour)."""
+    config, profile = make_config(tmp_path / "agent", reconcile_interval_s=3600)
+    hub = Signer.generate()
+    enroll_offline(config, hub)
+    await seed_desired(config, [process_spec("web")], hub)
+    async with Agent(config, profile) as agent:
+        await wait_until(lambda: phase_of(agent, "web") == "running")
+        pid = int((await agent.drivers["process"].inspect("web")).runtime_id)
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(
+            lambda: (
+                getattr(agent.supervisor.record("web"), "restarts", 0) >= 1
+                and phase_of(agent, "web") == "running"
+            ),
+            within=30,
+        )
