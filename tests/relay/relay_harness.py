@@ -13,17 +13,18 @@ from typing import Any
 import aiomqtt
 import yaml
 
+from cloud_hub.ingest import BatchIngestor, BatchRefusedError
 from edge_agent.agent import Agent, relay_peer_id
 from edge_agent.config import AgentConfig
 from edge_agent.identity import load_or_create_device_key
 from firmware_profiles import FirmwareProfile, load_profile
 from regional_relay.config import RelayConfig, load_relay_config
-from sync.envelope import decode_envelope_unverified, unpackb_strict
+from sync.envelope import decode_envelope_unverified
 from sync.hlc import HybridLogicalClock, SystemClock
 from sync.keys import KeyRing, Signer
 from sync.models import WorkloadSpec
-from sync.protocol import DELTAS, EVENTS, SyncSession
-from sync.relaying import BATCH, decode_batch, encode_batch_ack, open_device_envelope
+from sync.protocol import SyncSession
+from sync.relaying import BATCH
 from sync.replica import Replica
 from sync.signed import signed_write
 from sync.topics import hub_topic
@@ -137,9 +138,15 @@ class HubSink:
         self.scopes = [f"desired/{d}" for d in region.devices]
         for scope in self.scopes:
             self.replica.scope(scope)
-        self.dots: Counter[tuple[str, str, int]] = Counter()  # (scope, origin, counter)
-        self.events: dict[tuple[str, str], list[int]] = defaultdict(list)  # first-seen order
-        self.event_copies: Counter[tuple[str, str, int]] = Counter()
+        self.ingestor = BatchIngestor(
+            self.replica,
+            relays={region.relay_config.relay_id: (REGION, self.relay_keys)},
+            device_keys=self.device_keys,
+        )
+        # (scope, origin, counter): each dot counted once, when first merged
+        # (entries, and context-only dots of superseded writes).
+        self.dots: Counter[tuple[str, str, int]] = Counter()
+        self.events: dict[tuple[str, str], list[int]] = defaultdict(list)  # ingest order
         self.presence: list[dict[str, Any]] = []
         self.aggregates: list[dict[str, Any]] = []
         self.batches = 0
@@ -209,48 +216,29 @@ class HubSink:
                         await send(session.receive(payload))
 
     def _ingest(self, data: bytes) -> list[bytes]:
-        """What the hub does with a batch: verify, dedupe, keep streams in order.
-
-        An EVENTS item that does not follow on from what this hub holds for its
-        stream (an earlier batch was lost on the way) is not acknowledged, so the
-        relay sends it again after the missing one.
+        """What the hub does with a batch: :class:`BatchIngestor` verifies, dedupes
+        and keeps streams in order (an EVENTS item that does not follow on is
+        held, not acknowledged, so the relay sends it again after the missing one).
         """
-        batch = decode_batch(data, self.relay_keys)
-        self.batches += 1
-        acked: list[int] = []
-        for item in batch.items:
-            if item.kind == "presence":
-                self.presence.append(unpackb_strict(item.payload))  # type: ignore[arg-type]
-            elif item.kind == "agg":
-                self.aggregates.append(unpackb_strict(item.payload))  # type: ignore[arg-type]
-            elif not self._ingest_device(item.device, item.payload):
-                continue
-            acked.append(item.id)
-        if not acked:
+        try:
+            result = self.ingestor.ingest(data, SystemClock().now_ms())
+        except BatchRefusedError:
+            self.rejected += 1
             return []
-        return [
-            encode_batch_ack(
-                self.region.hub, src="hub", seq=self.batches, ts=1, relay=batch.relay, ids=acked
-            )
+        self.batches += 1
+        self.rejected += result.rejected.total()
+        for scope, dots in result.merged_dots.items():
+            for origin, counter in dots:  # small vectors in these tests
+                self.dots[(scope, origin, counter)] += 1
+        for key, run in result.events.items():
+            self.events[key].extend(range(run.start, run.end))
+        self.presence += [
+            {"presence": p.report.to_wire(), "counters": p.counters} for p in result.presence
         ]
-
-    def _ingest_device(self, device: str, payload: bytes) -> bool:
-        env = open_device_envelope(payload, device, self.device_keys[device])
-        body: Any = env.decode_body()
-        if env.type == DELTAS:
-            for _key, _ts, origin, counter, _d, _v in body["d"]:
-                self.dots[(body["sc"], origin, counter)] += 1
-        elif env.type == EVENTS:
-            stream, start = body["st"], body["from"]
-            seen = self.events[(device, stream)]
-            if start > len(seen) + 1:
-                return False  # a gap: wait for the earlier batch
-            for offset in range(len(body["items"])):
-                seq = start + offset
-                self.event_copies[(device, stream, seq)] += 1
-                if seq == len(seen) + 1:
-                    seen.append(seq)
-        return True
+        self.aggregates += [a.to_wire() for a in result.aggregates]
+        if not result.acked:
+            return []
+        return [self.ingestor.ack(result, self.region.hub, seq=self.batches, ts=1)]
 
 
 def _ring(key: Signer) -> KeyRing:
