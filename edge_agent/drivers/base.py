@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -238,8 +239,12 @@ def vcpus_for(cpu_millis: int) -> int:
     return max(1, math.ceil(cpu_millis / 1000))
 
 
-class _AsyncClosing:
-    """Mixin: ``async with driver:`` closes it on exit."""
+class DriverBase:
+    """Shared by the drivers: ``async with driver:`` closes it, and one lock per
+    workload name serialises operations on that workload."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def __aenter__(self) -> Self:
         return self
@@ -249,3 +254,10 @@ class _AsyncClosing:
 
     async def aclose(self) -> None:  # pragma: no cover - overridden
         """Release what the driver holds."""
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[name] = lock
+        return lock

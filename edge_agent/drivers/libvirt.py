@@ -24,10 +24,9 @@ import asyncio
 import builtins
 import importlib
 import logging
-import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from edge_agent.drivers._exceptions import (
     DriverError,
@@ -40,6 +39,7 @@ from edge_agent.drivers.base import (
     ActualPhase,
     ActualState,
     BlockingRunner,
+    DriverBase,
     DriverCapability,
     WorkloadHandle,
     vcpus_for,
@@ -76,7 +76,7 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
-class LibvirtDriver:
+class LibvirtDriver(DriverBase):
     """Runs workloads as libvirt domains owned by one agent.
 
     Args:
@@ -99,6 +99,7 @@ class LibvirtDriver:
         max_concurrency: int = 2,
         poll_interval_s: float = 0.2,
     ) -> None:
+        super().__init__()
         self.owner = owner
         self.uri = uri
         self.domain_type = domain_type
@@ -109,18 +110,11 @@ class LibvirtDriver:
         self._conn: Any = None
         self._started: dict[str, datetime] = {}
         self._failures: dict[str, tuple[str, str, datetime]] = {}
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     @property
     def name(self) -> str:
         """The driver name, ``"libvirt"``."""
         return "libvirt"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the libvirt connection (domains keep running)."""
@@ -211,13 +205,6 @@ class LibvirtDriver:
         return [states[name] for name in sorted(states)]
 
     # -- async plumbing ----------------------------------------------------------
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[name] = lock
-        return lock
 
     async def _call(
         self, workload: str, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs

@@ -24,7 +24,6 @@ With ``limits="enforce"`` the refusal is a :class:`WorkloadStartError`.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import logging
@@ -32,11 +31,10 @@ import re
 import socket
 import threading
 import urllib.parse
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, ParamSpec, Self, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import podman
 import podman.errors
@@ -58,6 +56,7 @@ from edge_agent.drivers.base import (
     ActualPhase,
     ActualState,
     BlockingRunner,
+    DriverBase,
     DriverCapability,
     WorkloadHandle,
 )
@@ -85,7 +84,7 @@ class _Failure:
     at: datetime
 
 
-class PodmanDriver:
+class PodmanDriver(DriverBase):
     """Runs workloads as Podman containers owned by one agent.
 
     Args:
@@ -108,6 +107,7 @@ class PodmanDriver:
         limits: LimitsMode = "best-effort",
         max_concurrency: int = 4,
     ) -> None:
+        super().__init__()
         if api_timeout_s <= stop_timeout_s:
             raise ValueError("api_timeout_s must exceed stop_timeout_s")
         self.owner = owner
@@ -119,18 +119,11 @@ class PodmanDriver:
         self._client: podman.PodmanClient | None = None
         self._client_lock = threading.Lock()
         self._failures: dict[str, _Failure] = {}
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     @property
     def name(self) -> str:
         """The driver name, ``"podman"``."""
         return "podman"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the API client (containers keep running)."""
@@ -218,13 +211,6 @@ class PodmanDriver:
         return [states[name] for name in sorted(states)]
 
     # -- async plumbing ----------------------------------------------------------
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[name] = lock
-        return lock
 
     async def _call(
         self, workload: str, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs

@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import signal
-import weakref
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -39,7 +38,13 @@ from edge_agent.drivers._exceptions import (
     WorkloadStartError,
 )
 from edge_agent.drivers._logs import RotatingLogWriter, log_files, read_tail
-from edge_agent.drivers.base import ActualPhase, ActualState, DriverCapability, WorkloadHandle
+from edge_agent.drivers.base import (
+    ActualPhase,
+    ActualState,
+    DriverBase,
+    DriverCapability,
+    WorkloadHandle,
+)
 from sync.models import WorkloadSpec
 
 logger = logging.getLogger(__name__)
@@ -67,7 +72,7 @@ class _Entry:
         return self.process is not None and not self.exited.is_set()
 
 
-class ProcessDriver:
+class ProcessDriver(DriverBase):
     """Runs workloads as supervised subprocesses.
 
     Use as an async context manager (it owns a task group)::
@@ -99,6 +104,7 @@ class ProcessDriver:
         stop_grace_s: float = 10.0,
         base_env: Mapping[str, str] | None = None,
     ) -> None:
+        super().__init__()
         if log_max_bytes < 1 or log_backups < 0:
             raise ValueError("log_max_bytes must be >= 1 and log_backups >= 0")
         self.owner = owner
@@ -109,7 +115,6 @@ class ProcessDriver:
         self.stop_grace_s = stop_grace_s
         self.base_env = dict(base_env) if base_env is not None else {"PATH": DEFAULT_PATH}
         self._entries: dict[str, _Entry] = {}
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._stack: AsyncExitStack | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._closed = False
@@ -236,13 +241,6 @@ class ProcessDriver:
         return await asyncio.to_thread(read_tail, path, tail)
 
     # -- internals -------------------------------------------------------------
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[name] = lock
-        return lock
 
     def _require(self, name: str) -> _Entry:
         entry = self._entries.get(name)
