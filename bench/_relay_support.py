@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -97,42 +96,15 @@ def cpu_seconds(pid: int) -> float:
 
 @contextlib.contextmanager
 def broker(workdir: Path) -> Iterator[int]:
-    """Run a private anonymous Mosquitto on 127.0.0.1 for the block; yield its port."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = _support.free_port()
-    conf, log = workdir / "mosquitto.conf", workdir / "mosquitto.log"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous true\n"
-        "persistence false\n"
+    """A private anonymous Mosquitto with queue limits raised for the load; yield its port."""
+    with _support.mosquitto(
+        workdir,
         "max_queued_messages 1000000\n"
         "max_queued_bytes 0\n"
         "max_inflight_messages 100\n"
-        "message_size_limit 1048576\n"
-        f"log_dest file {log}\n"
-        "log_type error\nlog_type warning\n",
-        encoding="ascii",
-    )
-    proc = subprocess.Popen(
-        [_support.MOSQUITTO, "-c", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                text = log.read_text(errors="replace") if log.exists() else ""
-                raise BenchError(f"mosquitto exited with {proc.returncode}: {text}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            if time.monotonic() > deadline:
-                raise BenchError(f"mosquitto did not listen on {port} within 10 s")
-            time.sleep(0.05)
+        "message_size_limit 1048576\n",
+    ) as port:
         yield port
-    finally:
-        stop_process(proc, 10)
 
 
 # -- simulated devices ----------------------------------------------------------------------

@@ -87,8 +87,13 @@ def _stop_process(proc: subprocess.Popen[bytes], grace_s: float) -> None:
 
 
 @contextlib.contextmanager
-def mosquitto(workdir: Path) -> Iterator[int]:
-    """Run a private Mosquitto on 127.0.0.1 for the block; yield its port."""
+def mosquitto(workdir: Path, extra_conf: str = "") -> Iterator[int]:
+    """Run a private anonymous Mosquitto on 127.0.0.1 for the block; yield its port.
+
+    Args:
+        workdir: directory for its config and log.
+        extra_conf: more config lines (limits for a load test).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf, log = workdir / "mosquitto.conf", workdir / "mosquitto.log"
@@ -97,7 +102,7 @@ def mosquitto(workdir: Path) -> Iterator[int]:
         "allow_anonymous true\n"
         "persistence false\n"
         f"log_dest file {log}\n"
-        "log_type error\nlog_type warning\n",
+        "log_type error\nlog_type warning\n" + extra_conf,
         encoding="ascii",
     )
     proc = subprocess.Popen(
