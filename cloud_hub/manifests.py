@@ -62,6 +62,7 @@ from firmware_profiles._yamlio import (
     MAX_FILE_BYTES,
     _StrictSafeLoader,  # the same duplicate-key-rejecting loader as every config file
     _yaml_error,
+    read_text_file,
     validation_error,
 )
 from sync._exceptions import ConfigError
@@ -431,20 +432,6 @@ def load_manifest(path_or_text: str | PathLike[str]) -> Deployment:
         return parse_manifest(path_or_text)
     path = Path(fspath(path_or_text))
     source = str(path)
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError as exc:
-        raise ConfigError("file not found", source=source) from exc
-    except IsADirectoryError as exc:
-        raise ConfigError("is a directory, not a file", source=source) from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read file: {exc.strerror or exc}", source=source) from exc
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"file larger than {MAX_FILE_BYTES} bytes", source=source)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text (byte {exc.start})", source=source) from exc
+    text = read_text_file(path)
     as_json = True if path.suffix.lower() == ".json" else None
     return parse_manifest(text, source=source, as_json=as_json)

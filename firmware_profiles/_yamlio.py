@@ -113,18 +113,12 @@ def validation_error(exc: ValidationError, *, source: str, prefix: str = "") -> 
     return ConfigError(message, source=source, field=path(first))
 
 
-def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """Read a YAML file whose top level must be a mapping with string keys.
-
-    Args:
-        path: the file to read.
-
-    Returns:
-        The parsed mapping.
+def read_text_file(path: Path) -> str:
+    """Read a UTF-8 config or manifest file of at most :data:`MAX_FILE_BYTES`.
 
     Raises:
-        ConfigError: the file is missing, unreadable, too large, not valid YAML
-            (the message names the line) or not a mapping.
+        ConfigError: the file is missing, a directory, unreadable, too large or
+            not UTF-8; the error names the file.
     """
     source = str(path)
     try:
@@ -139,9 +133,26 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if len(raw) > MAX_FILE_BYTES:
         raise ConfigError(f"file larger than {MAX_FILE_BYTES} bytes", source=source)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text (byte {exc.start})", source=source) from exc
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file whose top level must be a mapping with string keys.
+
+    Args:
+        path: the file to read.
+
+    Returns:
+        The parsed mapping.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, too large, not valid YAML
+            (the message names the line) or not a mapping.
+    """
+    source = str(path)
+    text = read_text_file(path)
     try:
         data = yaml.load(
             text, Loader=_StrictSafeLoader

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,9 @@ import pytest
 from edge_agent._supervisor_plan import BackoffPolicy, WorkloadRecord, decide
 from edge_agent.config import SupervisorSettings
 from edge_agent.drivers import ActualPhase, ActualState, ProcessDriver
-from edge_agent.supervisor import OverrideAction, RejectedSpec, Supervisor
-from sync.models import HealthCheck, RestartPolicy, WorkloadPhase, WorkloadSpec, WorkloadStatus
+from edge_agent.supervisor import RejectedSpec, Supervisor
+from sync.models import HealthCheck, RestartPolicy, WorkloadSpec
+from tests.agent.supervisor_fakes import Sink, View
 from tests.helpers import wait_until
 
 PY = sys.executable
@@ -35,31 +35,6 @@ def spec(
             **kw,
         ),
     )
-
-
-class View:
-    """Desired state held in plain dicts (the agent's view reads the journal)."""
-
-    def __init__(self) -> None:
-        self.specs: dict[str, WorkloadSpec | RejectedSpec] = {}
-        self.over: dict[str, OverrideAction] = {}
-
-    def desired(self) -> Mapping[str, WorkloadSpec | RejectedSpec]:
-        return self.specs
-
-    def overrides(self) -> Mapping[str, OverrideAction]:
-        return self.over
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.transitions: list[tuple[str, WorkloadPhase | None, WorkloadPhase, str]] = []
-
-    async def on_transition(self, status: WorkloadStatus, previous: WorkloadPhase | None) -> None:
-        self.transitions.append((status.name, previous, status.phase, status.reason))
-
-    def phases(self, name: str) -> list[WorkloadPhase]:
-        return [t[2] for t in self.transitions if t[0] == name]
 
 
 def rec(sup: Supervisor, name: str) -> WorkloadRecord:

@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,9 @@ from edge_agent.drivers import (
     ProcessDriver,
     WorkloadDriver,
 )
-from edge_agent.supervisor import OverrideAction, RejectedSpec, Supervisor
-from sync.models import RestartPolicy, WorkloadPhase, WorkloadSpec, WorkloadStatus
+from edge_agent.supervisor import Supervisor
+from sync.models import RestartPolicy, WorkloadPhase, WorkloadSpec
+from tests.agent.supervisor_fakes import Sink, View
 from tests.fixtures_runtime import PodmanService
 from tests.helpers import wait_until
 
@@ -46,33 +47,6 @@ WITHIN_S = 60.0
 # The reconcile timer is what notices a workload killed from outside.
 SETTINGS = SupervisorSettings(reconcile_interval_s=0.1, max_restart_attempts=50)
 RESTART = RestartPolicy(mode="always", max_attempts=20, backoff_initial_s=0.05, backoff_max_s=0.2)
-
-
-class View:
-    """Desired workloads and overrides held in plain dicts."""
-
-    def __init__(self) -> None:
-        self.specs: dict[str, WorkloadSpec | RejectedSpec] = {}
-        self.over: dict[str, OverrideAction] = {}
-
-    def desired(self) -> Mapping[str, WorkloadSpec | RejectedSpec]:
-        return self.specs
-
-    def overrides(self) -> Mapping[str, OverrideAction]:
-        return self.over
-
-
-class Sink:
-    """Keeps every transition the supervisor reports."""
-
-    def __init__(self) -> None:
-        self.transitions: list[tuple[str, WorkloadPhase | None, WorkloadPhase, int]] = []
-
-    async def on_transition(self, status: WorkloadStatus, previous: WorkloadPhase | None) -> None:
-        self.transitions.append((status.name, previous, status.phase, status.restarts))
-
-    def phases(self, name: str) -> list[WorkloadPhase]:
-        return [t[2] for t in self.transitions if t[0] == name]
 
 
 @dataclass(frozen=True)
