@@ -446,6 +446,9 @@ class Store(Protocol):
     async def load_scopes(self) -> dict[str, bytes]:
         """Every stored scope state (see :attr:`IngestCommit.scopes`)."""
 
+    async def get_scope(self, scope: str) -> bytes | None:
+        """One stored scope state, or None when the store has none."""
+
     async def save_scopes(self, scopes: Mapping[str, bytes]) -> None:
         """Store scope states (the hub's own writes), in one transaction."""
 
