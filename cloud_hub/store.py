@@ -9,7 +9,10 @@ implementation can follow the embedded SQLite one (``cloud_hub._sqlite_store``)
 without any caller changing:
 
 - no SQL, connections, rowids or SQLite types cross it;
-- pagination is by opaque cursor strings, never by offset;
+- pagination is by opaque cursor strings, never by offset; a cursor that was
+  not handed out for the same listing and filters raises :class:`CursorError`,
+  a page size outside ``1..MAX_PAGE_LIMIT`` raises :class:`ValueError` (a
+  caller's bug: validate query parameters before calling);
 - atomic operations that need a read and a write together (redeeming an
   enrollment token, committing an ingested batch) are single methods, so each
   implementation runs them in one transaction of its own;
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 from cloud_hub._exceptions import HubError
+from sync._exceptions import ConfigError
 
 __all__ = [
     "DEFAULT_PAGE_LIMIT",
@@ -481,8 +485,7 @@ def open_store(url: str | Path, **options: Any) -> Store:
         sync._exceptions.ConfigError: an unsupported URL scheme.
         StoreError: the database cannot be opened.
     """
-    from cloud_hub._sqlite_store import open_sqlite_store
-    from sync._exceptions import ConfigError
+    from cloud_hub._sqlite_store import open_sqlite_store  # noqa: PLC0415 - it imports this module
 
     text = str(url)
     if text.startswith(("postgresql://", "postgres://")):
