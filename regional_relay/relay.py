@@ -26,6 +26,12 @@ state; every entry must carry the hub's signature (checked again by agents).
 Changes are fanned out to connected devices; a device that reconnects while
 the hub is away syncs from the replica.
 
+Devices served: the same hub session syncs the region's hub-signed device
+registry ``region/<region>`` (:mod:`regional_relay.registry`). A device
+enrolled there is served from then on, without a restart: its uplinks are
+accepted and its ``desired/<device>`` scope joins the hub session; a removed
+device is no longer served. ``devices_file`` is an optional static seed.
+
 Presence: the retained ``…/state`` topics feed a
 :class:`~regional_relay.presence.PresenceTracker`; summaries (with the relay's
 counters) go to the hub through the outbox. The relay's own retained birth and
@@ -61,6 +67,7 @@ from regional_relay.config import (
 )
 from regional_relay.outbox import ItemIn, ItemKind, Outbox, OutboxItem
 from regional_relay.presence import PresenceTracker
+from regional_relay.registry import DeviceRegistry, RegistryChange, registry_scope
 from sync._exceptions import NovaCronError
 from sync.envelope import decode_envelope, decode_envelope_unverified, packb, unpackb_strict
 from sync.hlc import Clock, HybridLogicalClock, SystemClock
@@ -68,7 +75,7 @@ from sync.keys import KeyRing
 from sync.protocol import DELTAS, EVENTS, SNAPSHOT, SyncSession
 from sync.relaying import BATCH_ACK, BatchItem, decode_batch_ack, encode_batch
 from sync.replica import InboundStream, Replica
-from sync.signed import EntryVerifier
+from sync.signed import EntryVerifier, unwrap
 from sync.topics import (
     device_topic,
     hub_topic,
@@ -165,6 +172,8 @@ class Relay(Service):
         self.devices_connected = asyncio.Event()
         self._rng = random.Random()
         self._device_keys: dict[str, KeyRing] = {}
+        self.registry_scope = registry_scope(config.region)
+        self.registry = DeviceRegistry()
         self._sessions: dict[str, SyncSession] = {}
         self._changed: dict[str, set[str] | None] = {}
         self._acks: asyncio.Queue[tuple[asyncio.Task[bool], str, list[bytes]]] = asyncio.Queue(
@@ -196,17 +205,18 @@ class Relay(Service):
             raise RelayError(f"no hub public key at {cfg.hub_key_path}: enroll the relay first")
         self.hub_keys = KeyRing()
         self.hub_keys.add(hub_key)
-        self.verifier = EntryVerifier(self.hub_keys, _is_desired)
+        self.verifier = EntryVerifier(self.hub_keys, self._is_signed)
         if cfg.devices_file is not None:
-            keys = await asyncio.to_thread(read_device_keys, cfg.devices_file)
-            for device, key in keys.items():
-                ring = KeyRing()
-                ring.add(key)
-                self._device_keys[device] = ring
+            seed = await asyncio.to_thread(read_device_keys, cfg.devices_file)
+            self.registry = DeviceRegistry(seed)
         self.signer = await asyncio.to_thread(load_relay_key, cfg)
         self.outbox = await self._stack.enter_async_context(Outbox.for_config(cfg))
         self.replica = Replica(self.peer_id, HybridLogicalClock(self.clock))
         await self._load_replica()
+        # The registry kept from the hub (if any) overrides the static seed.
+        self.registry.apply(self._registry_entries(None))
+        for device, key in self.registry.keys().items():
+            self._device_keys[device] = _ring(key)
         self.epoch = int(time.time())
         if cfg.downsample is not None:
             self.downsampler = Downsampler(cfg.downsample.interval_s * 1000)
@@ -355,6 +365,9 @@ class Relay(Service):
             )
             self._sessions[device] = session
         return session
+
+    def _is_signed(self, scope: str) -> bool:
+        return _is_desired(scope) or scope == self.registry_scope
 
     def _validate_device_entries(self, device: str) -> Callable[[str, list[list[Any]]], None]:
         def check(scope: str, entries: list[list[Any]]) -> None:
@@ -526,7 +539,7 @@ class Relay(Service):
             qos=1,
             retain=True,
         )
-        scopes = [f"desired/{d}" for d in sorted(self._device_keys)]
+        scopes = [self.registry_scope, *(f"desired/{d}" for d in sorted(self._device_keys))]
         for scope in scopes:
             self.replica.scope(scope)
         session = SyncSession(
@@ -575,13 +588,53 @@ class Relay(Service):
             entries = self._state_entries(changed)
             for scope, wire in entries.items():
                 await self.outbox.put_state(scope, wire)
+            if self.registry_scope in changed:
+                registry = self.registry.apply(self._registry_entries(changed[self.registry_scope]))
+                replies += self._serve(session, registry)
             for scope, wire in entries.items():
+                if not _is_desired(scope):
+                    continue
                 device = scope.removeprefix("desired/")
                 device_session = self._sessions.get(device)
                 if device_session is not None and wire:
                     self.counters.fanned_out += len(wire)
                     await self._publish_down(device, device_session.send_entries(scope, wire))
         await self._publish_up(replies)
+
+    def _registry_entries(self, keys: set[str] | None) -> list[tuple[str, Any]]:
+        """The registry's ``(key, payload)`` for ``keys`` (None: every entry).
+
+        Only verified entries reach the replica: the hub session's validate
+        hook checks the hub's signature before merging, and the outbox holds
+        nothing else.
+        """
+        state = self.replica.scope(self.registry_scope)
+        names = state.keys() if keys is None else sorted(keys)
+        return [(k, unwrap(state.get(k))) for k in names if k in state]
+
+    def _serve(self, session: SyncSession, change: RegistryChange) -> list[bytes]:
+        """Start serving added devices and stop serving removed ones."""
+        if not change:
+            return []
+        for device in change.removed:
+            self._device_keys.pop(device, None)
+            self._sessions.pop(device, None)
+            session.scopes.discard(f"desired/{device}")
+            log.info("device %s removed from the registry: no longer served", device)
+        new_scopes = []
+        for device, key in sorted(change.added.items()):
+            if device in self._device_keys:
+                self._sessions.pop(device, None)  # re-keyed: its next message resyncs
+            self._device_keys[device] = _ring(key)
+            scope = f"desired/{device}"
+            self.replica.scope(scope)
+            if scope not in session.scopes:
+                new_scopes.append(scope)
+            log.info("device %s enrolled through the registry: served", device)
+        if not new_scopes:
+            return []
+        session.scopes.update(new_scopes)
+        return session.add_scope(new_scopes[0])  # one HELLO announces them all
 
     async def _on_batch_ack(self, ids: list[int]) -> None:
         acked = set(ids)
@@ -713,6 +766,12 @@ class Relay(Service):
             "devices_online": self.presence.online_count,
             "hub_connected": self.hub_connected.is_set(),
         }
+
+
+def _ring(key: bytes) -> KeyRing:
+    ring = KeyRing()
+    ring.add(key)
+    return ring
 
 
 async def run_relay(config: RelayConfig, *, shutdown: asyncio.Event | None = None) -> int:

@@ -1,0 +1,138 @@
+"""The reconciler with a real relay and real agents (real Mosquitto brokers, the
+shipped relay configuration, a real SQLite store)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloud_hub._reconciler_core import scope_from_bytes
+from cloud_hub._sqlite_store import SQLiteStore, open_sqlite_store
+from cloud_hub.reconciler import BrokerAddress, Reconciler, ReconcilerSettings
+from cloud_hub.store import DeviceRecord
+from edge_agent.agent import Agent
+from regional_relay.relay import Relay
+from sync.keys import KeyRing
+from sync.models import WorkloadSpec
+from tests.helpers import wait_until, wait_until_async
+from tests.relay.relay_harness import REGION, Region
+
+pytestmark = pytest.mark.integration
+
+SLEEPER = (sys.executable, "-c", "import time; time.sleep(3600)")
+SPEC = WorkloadSpec(name="web", driver="process", command=SLEEPER).model_dump(mode="json")
+
+
+class Observer:
+    """A FleetObserver that records what it is told."""
+
+    def __init__(self) -> None:
+        self.reported: dict[str, dict[str, Any]] = {}
+        self.presence: list[tuple[str, str]] = []
+
+    async def device_reported(self, device_id: str, changes: Mapping[str, Any]) -> None:
+        self.reported.setdefault(device_id, {}).update(changes)
+
+    async def presence_changed(self, device_id: str, state: str, now_ms: int) -> None:
+        self.presence.append((device_id, state))
+
+
+def record(region: Region, device: str) -> DeviceRecord:
+    key = region.device_keys[device].public_key_bytes
+    return DeviceRecord(
+        id=device,
+        region=REGION,
+        profile=region.profile.name,
+        public_key=base64.b64encode(key).decode(),
+        arch="x86_64",
+    )
+
+
+@asynccontextmanager
+async def region_up(region: Region, enrolled: list[str]) -> AsyncIterator[SQLiteStore]:
+    """Both brokers running and a hub store with ``enrolled`` devices."""
+    region.region_broker.start()
+    region.hub_broker.start()
+    try:
+        store = await asyncio.to_thread(open_sqlite_store, region.root / "hub.db")
+        async with store:
+            await store.add_devices([record(region, d) for d in enrolled])
+            yield store
+    finally:
+        region.region_broker.stop()
+        region.hub_broker.stop()
+
+
+def hub(region: Region, store: SQLiteStore, observer: Observer | None = None) -> Reconciler:
+    relay_keys = KeyRing()
+    relay_keys.add(region.relay_key.public_key_bytes)
+    return Reconciler(
+        store,
+        region.hub,
+        BrokerAddress("127.0.0.1", region.hub_broker.port),
+        {region.relay_config.relay_id: (REGION, relay_keys)},
+        observer=observer,
+        settings=ReconcilerSettings(backoff_initial_s=0.05, backoff_max_s=0.5, tick_s=0.1),
+    )
+
+
+def phase(agent: Agent, name: str) -> str:
+    return getattr(agent.supervisor.record(name), "phase", "")
+
+
+async def produce(agent: Agent, n: int) -> int:
+    for i in range(n):
+        await agent.record_event("events", "test", {"i": i})
+        if i % 4 == 0:
+            await agent.write_state(f"reported/sensor-{i % 3}", {"reading": i})
+    return agent.replica.stream("events").next_seq - 1
+
+
+async def stored_seqs(store: SQLiteStore, device: str) -> list[int]:
+    return [e.seq for e in await store.list_events(device, stream="events", limit=1000)]
+
+
+async def test_desired_reaches_a_relay_offline_at_write_time_and_data_lands_once(
+    tmp_path: Path,
+) -> None:
+    region = Region(tmp_path, ["gw-1"])
+    observer = Observer()
+    async with region_up(region, ["gw-1"]) as store:
+        async with hub(region, store, observer) as rec:
+            await wait_until(rec.connected.is_set)
+            # No relay yet: the write is stored, and reaches the relay later.
+            await rec.set_desired("gw-1", "web", SPEC)
+            async with Relay(region.relay_config) as relay, region.agent("gw-1") as agent:
+                await wait_until(lambda: phase(agent, "web") == "running", within=30)
+                last = await produce(agent, 12)
+
+                async def landed() -> bool:
+                    return await stored_seqs(store, "gw-1") == list(range(1, last + 1))
+
+                await wait_until_async(landed, within=30)
+                await wait_until(lambda: "reported/sensor-0" in observer.reported.get("gw-1", {}))
+                await wait_until(lambda: ("gw-1", "online") in observer.presence, within=10)
+                stats = rec.stats()
+                assert stats["acks_sent"] >= 1
+                assert stats["commit_batches"] >= 1
+                assert stats["relays_online"] == {"relay-1": True}
+                assert stats["rejected"] == {}
+                # The hub is down for a while; the relay keeps what comes in.
+                await rec.aclose()
+                last = await produce(agent, 10)
+                await wait_until(lambda: relay.outbox.stats().depth > 0)
+                async with hub(region, store) as again:
+                    await wait_until_async(landed, within=30)
+                    await wait_until(lambda: relay.outbox.stats().depth == 0, within=30)
+                    assert again.stats()["rejected"] == {}
+        state = await store.get_scope("device/gw-1")
+        assert state is not None
+        keys = scope_from_bytes(state).keys()
+        assert {"reported/sensor-0", "reported/sensor-1", "reported/sensor-2"} <= set(keys)
