@@ -1,14 +1,20 @@
-"""`novacron agent enroll` against a stand-in hub served over real HTTP on loopback."""
+"""`novacron agent enroll` against the real hub app served over real HTTP on loopback.
+
+The hub is :func:`cloud_hub.app.make_app` with its real SQLite store, token store,
+audit log and enrollment service (:class:`tests.hub.api_harness.HubThread`).
+A small stand-in hub remains only for what the real hub never does: answer
+slowly (the client's timeout) and answer 200/201 with a malformed body.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import socket
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,80 +52,29 @@ from firmware_profiles import load_profile
 from novacron.cli import main
 from sync._exceptions import ConfigError
 from sync.keys import Signer
+from tests.hub.api_harness import REGION, RecordingBroker
+from tests.hub.api_harness import HubThread as RealHub
 
 PROFILE = "generic-x86_64"
 PROBLEM = "application/problem+json"
 
 
-def _problem(status: int, title: str, detail: str, kind: str) -> web.Response:
-    body: dict[str, object] = {"type": f"https://novacron.example/problems/{kind}"}
-    body |= {"title": title, "status": status, "detail": detail}
-    return web.json_response(body, status=status, content_type=PROBLEM)
-
-
 class StandInHub:
-    """The hub's enrollment endpoint: one-time tokens with expiry, one device per key."""
+    """Failure modes the real hub never produces: a slow answer, a malformed success."""
 
     def __init__(self) -> None:
-        self.key = Signer.generate()
-        self.tokens: dict[str, float] = {}  # token -> expiry (time.time())
-        self.spent: set[str] = set()
-        self.devices: dict[str, str] = {}  # device public key (base64) -> device id
-        self.requests: list[EnrollRequest] = []
-        self.answer_override: tuple[int, bytes] | None = None
+        self.answer: tuple[int, bytes] = (201, b"{}")
         self.delay_s = 0.0
-        self._count = 0
-
-    def add_token(self, token: str, ttl_s: float = 600.0) -> str:
-        self.tokens[token] = time.time() + ttl_s
-        return token
-
-    def forget(self, device_id: str) -> None:
-        """Delete a device, as an operator does before it re-enrolls."""
-        self.devices = {k: v for k, v in self.devices.items() if v != device_id}
-
-    @property
-    def public_key_b64(self) -> str:
-        return base64.b64encode(self.key.public_key_bytes).decode()
 
     async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        try:
-            enroll_request = EnrollRequest.model_validate(await request.json())
-        except (ValueError, ValidationError) as exc:
-            return _problem(400, "Bad Request", str(exc), "bad-request")
-        self.requests.append(enroll_request)
-        if self.answer_override is not None:
-            status, body = self.answer_override
-            return web.Response(status=status, body=body, content_type="application/json")
-        token = enroll_request.token.get_secret_value()
-        if token not in self.tokens:
-            return _problem(401, "Unknown token", "no such enrollment token", "unknown-token")
-        if token in self.spent:
-            return _problem(
-                409, "Token spent", "this enrollment token was already used", "token-spent"
-            )
-        if self.tokens[token] < time.time():
-            return _problem(410, "Token expired", "this enrollment token expired", "token-expired")
-        if enroll_request.public_key in self.devices:
-            device = self.devices[enroll_request.public_key]
-            return _problem(409, "Duplicate key", f"key already enrolled as {device}", "dup-key")
-        self.spent.add(token)
-        self._count += 1
-        device_id = f"gw-{self._count:04d}"
-        self.devices[enroll_request.public_key] = device_id
-        answer = {
-            "device_id": device_id,
-            "region": "eu-west",
-            "relays": ["mqtts://relay-1.example.net:8883", "mqtt://127.0.0.1:1884"],
-            "mqtt": {"username": device_id, "password": f"pw-{device_id}"},
-            "hub_public_key": self.public_key_b64,
-        }
-        return web.json_response(answer, status=201)
+        status, body = self.answer
+        return web.Response(status=status, body=body, content_type="application/json")
 
 
-class HubThread:
+class StandInThread:
     """Serves a :class:`StandInHub` on 127.0.0.1:0 from a thread with its own loop.
 
     ``main()`` runs its own event loop (``asyncio.run``), so the server cannot
@@ -154,7 +109,7 @@ class HubThread:
         finally:
             await runner.cleanup()
 
-    def __enter__(self) -> HubThread:
+    def __enter__(self) -> StandInThread:
         self._thread.start()
         assert self._ready.wait(10), "stand-in hub did not start"
         return self
@@ -168,9 +123,19 @@ class HubThread:
 
 
 @pytest.fixture
-def hub() -> Iterator[HubThread]:
-    with HubThread(StandInHub()) as server:
+def hub(tmp_path: Path) -> Iterator[RealHub]:
+    with RealHub(tmp_path / "hub", broker=RecordingBroker()) as server:
         yield server
+
+
+@pytest.fixture
+def stand_in() -> Iterator[StandInThread]:
+    with StandInThread(StandInHub()) as server:
+        yield server
+
+
+def _device_id(public_key: bytes) -> str:
+    return "dev-" + hashlib.sha256(public_key).hexdigest()[:16]
 
 
 def _mode(path: Path) -> int:
@@ -178,7 +143,11 @@ def _mode(path: Path) -> int:
 
 
 def _enroll_cli(
-    server: HubThread, token: str, data_dir: Path, *extra: str, profile: str | None = PROFILE
+    server: RealHub | StandInThread,
+    token: str,
+    data_dir: Path,
+    *extra: str,
+    profile: str | None = PROFILE,
 ) -> int:
     argv = ["agent", "enroll", "--hub", server.url, "--token", token, "--data-dir", str(data_dir)]
     if profile is not None:
@@ -186,70 +155,85 @@ def _enroll_cli(
     return main([*argv, *extra])
 
 
+ENROLL = ("POST", "/api/v1/enroll")
+
+
 # --------------------------------------------------------------------------- end to end
 
 
 def test_enroll_end_to_end(
-    hub: HubThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    hub: RealHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    token = hub.hub.add_token("tok-1")
+    token = hub.enrollment_token(labels={"site": "plant-1"})
     data_dir = tmp_path / "data"
     config_path = tmp_path / "etc" / "agent.yaml"
 
     assert _enroll_cli(hub, token, data_dir, "--config", str(config_path)) == 0
-    assert "gw-0001" in capsys.readouterr().out
+    device_key = Signer.from_file(data_dir / DEVICE_KEY_NAME)
+    device_id = _device_id(device_key.public_key_bytes)
+    assert device_id in capsys.readouterr().out
 
     for name in (ENROLLMENT_FILE, PASSWORD_FILE, DEVICE_KEY_NAME, "../etc/agent.yaml"):
         assert _mode(data_dir / name) == 0o600, name
     assert _mode(data_dir) == 0o700
-    assert load_hub_public_key(data_dir) == hub.hub.key.public_key_bytes
+    assert hub.services is not None
+    assert load_hub_public_key(data_dir) == hub.services.hub_key.public_key_bytes
 
-    device_key = Signer.from_file(data_dir / DEVICE_KEY_NAME)
-    (sent,) = hub.hub.requests
-    assert base64.b64decode(sent.public_key) == device_key.public_key_bytes
-    assert sent.profile == PROFILE
-    assert sent.facts.drivers == load_profile(PROFILE).drivers
-    assert sent.facts.memory_mb > 0
-    assert sent.facts.cpu_cores >= 1
+    # what the hub stored from the request
+    (device,) = hub.devices()
+    assert device.id == device_id
+    assert base64.b64decode(device.public_key) == device_key.public_key_bytes
+    assert device.profile == PROFILE
+    assert device.labels == {"site": "plant-1"}
+    assert tuple(device.facts["drivers"]) == load_profile(PROFILE).drivers
+    assert device.facts["memory_mb"] > 0
+    assert device.facts["cpu_cores"] >= 1
+    assert hub.token_uses(token) == 1
 
     enrollment = load_enrollment(data_dir)
-    assert enrollment.device_id == "gw-0001"
-    assert enrollment.region == "eu-west"
-    assert enrollment.mqtt.password.get_secret_value() == "pw-gw-0001"
+    password = enrollment.mqtt.password.get_secret_value()
+    broker = hub.services.ctx.enrollment.broker
+    assert isinstance(broker, RecordingBroker)
+    assert broker.accounts[device_id] == (password, device_id, REGION)
+    assert enrollment.device_id == device_id
+    assert enrollment.region == REGION
+    assert enrollment.relays == ("mqtt://127.0.0.1:1884", "mqtts://relay-2.example.net:8883")
+    assert enrollment.relay_public_keys == hub.services.relay_keys
     assert enrollment.device_key_id == device_key.key_id
     assert enrollment.hub_url == hub.url
 
     config = load_agent_config(config_path)
-    assert config.device_id == "gw-0001"
-    assert config.region == "eu-west"
+    assert config.device_id == device_id
+    assert config.region == REGION
     assert config.profile == PROFILE
     assert config.data_dir == data_dir
     assert [r.url for r in config.relays] == list(enrollment.relays)
     assert config.credentials is not None
-    assert config.credentials.username == "gw-0001"
+    assert config.credentials.username == device_id
     assert config.credentials.password_file == data_dir / PASSWORD_FILE
-    assert config.credentials.read_password() == "pw-gw-0001"
+    assert config.credentials.read_password() == password
 
 
-def test_enroll_updates_installed_config(hub: HubThread, tmp_path: Path) -> None:
+def test_enroll_updates_installed_config(hub: RealHub, tmp_path: Path) -> None:
     """Data dir and profile come from the config; its other settings are kept."""
     prefix = tmp_path / "root"
     assert main(["agent", "install", "--prefix", str(prefix), "--profile", "raspberry-pi-4"]) == 0
     config_path = prefix / "etc" / "novacron" / "agent.yaml"
     before = load_agent_config(config_path)
-    token = hub.hub.add_token("tok-install")
+    token = hub.enrollment_token()
 
     argv = ["agent", "enroll", "--hub", hub.url, "--token", token, "--config", str(config_path)]
     assert main(argv) == 0
 
+    (device,) = hub.devices()
     after = load_agent_config(config_path)
-    assert after.device_id == "gw-0001"
+    assert after.device_id == device.id
     assert after.profile == "raspberry-pi-4"
     assert after.data_dir == before.data_dir
     assert after.quotas == before.quotas
     assert after.podman_url == before.podman_url
-    assert hub.hub.requests[0].profile == "raspberry-pi-4"
-    assert load_enrollment(before.data_dir).device_id == "gw-0001"
+    assert device.profile == "raspberry-pi-4"
+    assert load_enrollment(before.data_dir).device_id == device.id
 
 
 def test_secrets_hidden_from_repr_and_default_dumps() -> None:
@@ -268,94 +252,98 @@ def test_secrets_hidden_from_repr_and_default_dumps() -> None:
 
 
 def test_token_reuse_exits_2_with_hub_detail(
-    hub: HubThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    hub: RealHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    token = hub.hub.add_token("tok-once")
+    token = hub.enrollment_token()
     assert _enroll_cli(hub, token, tmp_path / "first") == 0
     capsys.readouterr()
 
     assert _enroll_cli(hub, token, tmp_path / "second") == 2
     err = capsys.readouterr().err
-    assert "Token spent" in err
-    assert "this enrollment token was already used" in err
+    assert "hub refused enrollment (403): Enrollment token refused: spent" in err
     assert not (tmp_path / "second" / ENROLLMENT_FILE).exists()
+    assert len(hub.devices()) == 1
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        ("tok-old", -1.0, "this enrollment token expired"),
-        ("tok-unknown", None, "no such enrollment token"),
-    ],
-    ids=["expired", "unknown"],
-)
-def test_expired_or_unknown_token_exits_2(
-    hub: HubThread,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    case: tuple[str, float | None, str],
+@pytest.mark.parametrize("reason", ["expired", "unknown", "revoked"])
+def test_expired_unknown_or_revoked_token_exits_2(
+    hub: RealHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], reason: str
 ) -> None:
-    token, ttl_s, detail = case
-    if ttl_s is not None:
-        hub.hub.add_token(token, ttl_s=ttl_s)
+    assert hub.services is not None
+    token = hub.enrollment_token(ttl_s=60)
+    if reason == "expired":
+        hub.services.clock.offset_ms = 61_000
+    elif reason == "unknown":
+        token = "nce_000000000000_" + "A" * 43
+    else:
+        hub.run(hub.services.ctx.enrollment.revoke_token(token.split("_")[1]))
     assert _enroll_cli(hub, token, tmp_path / "data") == 2
-    assert detail in capsys.readouterr().err
+    assert f"Enrollment token refused: {reason}" in capsys.readouterr().err
+    assert hub.devices() == []
 
 
-async def test_rejection_carries_problem_fields(hub: HubThread, tmp_path: Path) -> None:
-    hub.hub.add_token("tok-expired", ttl_s=-1.0)
-    options = EnrollOptions(
-        hub_url=hub.url, token="tok-expired", profile=PROFILE, data_dir=tmp_path / "data"
-    )
+async def test_rejection_carries_problem_fields(hub: RealHub, tmp_path: Path) -> None:
+    assert hub.services is not None
+    token = hub.enrollment_token(ttl_s=1)
+    hub.services.clock.offset_ms = 5_000
+    options = EnrollOptions(hub_url=hub.url, token=token, profile=PROFILE, data_dir=tmp_path / "d")
     with pytest.raises(HubRejectedError) as info:
         await enroll(options)
-    assert info.value.status == 410
-    assert info.value.title == "Token expired"
-    assert info.value.problem_type.endswith("/token-expired")
+    assert info.value.status == 403
+    assert info.value.title == "Enrollment token refused: expired"
+    assert info.value.problem_type.endswith("/enroll-expired")
 
 
 def test_duplicate_key_exits_2(
-    hub: HubThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    hub: RealHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data_dir = tmp_path / "data"
-    assert _enroll_cli(hub, hub.hub.add_token("tok-a"), data_dir) == 0
+    assert _enroll_cli(hub, hub.enrollment_token(), data_dir) == 0
+    first = load_enrollment(data_dir).device_id
     capsys.readouterr()
 
-    assert _enroll_cli(hub, hub.hub.add_token("tok-b"), data_dir, "--force") == 2
-    assert "key already enrolled as gw-0001" in capsys.readouterr().err
-    assert load_enrollment(data_dir).device_id == "gw-0001"  # left as it was
+    second = hub.enrollment_token()
+    assert _enroll_cli(hub, second, data_dir, "--force") == 2
+    assert "Enrollment token refused: duplicate_key" in capsys.readouterr().err
+    assert load_enrollment(data_dir).device_id == first  # left as it was
+    assert hub.token_uses(second) == 0
 
 
 # --------------------------------------------------------------------------- re-enrolling
 
 
 def test_reenroll_refused_without_force(
-    hub: HubThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    hub: RealHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data_dir = tmp_path / "data"
-    assert _enroll_cli(hub, hub.hub.add_token("tok-a"), data_dir) == 0
+    assert _enroll_cli(hub, hub.enrollment_token(), data_dir) == 0
+    device_id = load_enrollment(data_dir).device_id
     capsys.readouterr()
 
-    assert _enroll_cli(hub, hub.hub.add_token("tok-b"), data_dir) == 2
+    second = hub.enrollment_token()
+    assert _enroll_cli(hub, second, data_dir) == 2
     err = capsys.readouterr().err
-    assert "already enrolled as 'gw-0001'" in err
+    assert f"already enrolled as {device_id!r}" in err
     assert "--force" in err
-    assert len(hub.hub.requests) == 1  # the hub was not asked: tok-b is not spent
-    assert "tok-b" not in hub.hub.spent
+    assert hub.requests_to(*ENROLL) == 1  # the hub was not asked: the token is not spent
+    assert hub.token_uses(second) == 0
 
 
-def test_force_reenrolls_with_the_same_key(hub: HubThread, tmp_path: Path) -> None:
+def test_force_reenrolls_with_the_same_key(hub: RealHub, tmp_path: Path) -> None:
+    assert hub.services is not None
     data_dir = tmp_path / "data"
-    assert _enroll_cli(hub, hub.hub.add_token("tok-a"), data_dir) == 0
+    assert _enroll_cli(hub, hub.enrollment_token(), data_dir) == 0
     first = load_enrollment(data_dir)
-    hub.hub.forget(first.device_id)
+    hub.run(hub.services.ctx.enrollment.decommission(first.device_id))  # as an operator does
 
-    assert _enroll_cli(hub, hub.hub.add_token("tok-b"), data_dir, "--force") == 0
+    assert _enroll_cli(hub, hub.enrollment_token(), data_dir, "--force") == 0
 
     second = load_enrollment(data_dir)
-    assert second.device_id == "gw-0002"
+    assert second.device_id == first.device_id  # the id follows from the key
     assert second.device_public_key == first.device_public_key
-    assert [r.public_key for r in hub.hub.requests] == [first.device_public_key] * 2
+    assert second.mqtt.password != first.mqtt.password
+    (device,) = hub.devices()
+    assert device.public_key == first.device_public_key
 
 
 def test_device_key_made_once_and_reused(tmp_path: Path) -> None:
@@ -395,23 +383,28 @@ def test_hub_unreachable_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not (tmp_path / "data" / ENROLLMENT_FILE).exists()
 
 
-async def test_hub_timeout_is_unreachable(hub: HubThread, tmp_path: Path) -> None:
-    hub.hub.delay_s = 1.5
+async def test_hub_timeout_is_unreachable(stand_in: StandInThread, tmp_path: Path) -> None:
+    stand_in.hub.delay_s = 1.5
     options = EnrollOptions(
-        hub_url=hub.url, token="t", profile=PROFILE, data_dir=tmp_path / "data", timeout_s=0.3
+        hub_url=stand_in.url, token="t", profile=PROFILE, data_dir=tmp_path / "data", timeout_s=0.3
     )
     with pytest.raises(HubUnreachableError, match=r"no answer within 0\.3 s"):
         await enroll(options)
 
 
 def test_hub_server_error_exits_1(
-    hub: HubThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    hub: RealHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hub.hub.answer_override = (503, b'{"title": "Unavailable", "detail": "database down"}')
-    assert _enroll_cli(hub, "t", tmp_path / "data") == 1
+    assert hub.services is not None
+    broker = hub.services.ctx.enrollment.broker
+    assert isinstance(broker, RecordingBroker)
+    broker.fail = True
+    assert _enroll_cli(hub, hub.enrollment_token(), tmp_path / "data") == 1
     err = capsys.readouterr().err
     assert "503" in err
-    assert "database down" in err
+    assert "could not be provisioned; try again later" in err
+    assert not (tmp_path / "data" / ENROLLMENT_FILE).exists()
+    assert hub.devices() == []
 
 
 def _answer(**changes: Any) -> bytes:
@@ -439,11 +432,11 @@ def _answer(**changes: Any) -> bytes:
     ],
 )
 async def test_malformed_answer_raises_typed_error(
-    hub: HubThread, tmp_path: Path, body: bytes, match: str
+    stand_in: StandInThread, tmp_path: Path, body: bytes, match: str
 ) -> None:
-    hub.hub.answer_override = (200, body)
+    stand_in.hub.answer = (200, body)
     data_dir = tmp_path / "data"
-    options = EnrollOptions(hub_url=hub.url, token="t", profile=PROFILE, data_dir=data_dir)
+    options = EnrollOptions(hub_url=stand_in.url, token="t", profile=PROFILE, data_dir=data_dir)
     with pytest.raises(MalformedResponseError, match=match) as info:
         await enroll(options)
     assert info.value.status == 200
@@ -451,10 +444,10 @@ async def test_malformed_answer_raises_typed_error(
 
 
 def test_malformed_answer_exits_1(
-    hub: HubThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    stand_in: StandInThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hub.hub.answer_override = (201, b"[]")
-    assert _enroll_cli(hub, "t", tmp_path / "data") == 1
+    stand_in.hub.answer = (201, b"[]")
+    assert _enroll_cli(stand_in, "t", tmp_path / "data") == 1
     assert "invalid answer from the hub" in capsys.readouterr().err
 
 
@@ -484,22 +477,21 @@ def test_bad_hub_url_exits_2_before_anything(
 
 
 def test_missing_profile_exits_2(
-    hub: HubThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    hub: RealHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert _enroll_cli(hub, "t", tmp_path / "data", profile=None) == 2
     assert "--profile" in capsys.readouterr().err
-    assert hub.hub.requests == []
+    assert hub.requests_to(*ENROLL) == 0
 
 
-def test_invalid_config_is_refused_before_the_token_is_spent(
-    hub: HubThread, tmp_path: Path
-) -> None:
+def test_invalid_config_is_refused_before_the_token_is_spent(hub: RealHub, tmp_path: Path) -> None:
     config_path = tmp_path / "agent.yaml"
     config_path.write_text(yaml.safe_dump({"drivers": ["libvirt"], "profile": "raspberry-pi-4"}))
-    token = hub.hub.add_token("tok")
+    token = hub.enrollment_token()
     argv = ["agent", "enroll", "--hub", hub.url, "--token", token, "--config", str(config_path)]
     assert main([*argv, "--data-dir", str(tmp_path / "data")]) == 2
-    assert hub.hub.requests == []
+    assert hub.requests_to(*ENROLL) == 0
+    assert hub.token_uses(token) == 0
 
 
 def test_enroll_url() -> None:
@@ -569,7 +561,7 @@ def test_corrupt_hub_key(tmp_path: Path) -> None:
 
 
 def test_corrupt_enrollment_still_counts_as_enrolled(
-    hub: HubThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    hub: RealHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
