@@ -1,5 +1,112 @@
-"""simulator package."""
+"""The fleet simulator: brokers, network faults, invariants, reports, deterministic mode.
+
+Public names are imported lazily so that ``novacron --help``, which imports
+:mod:`simulator._cli`, pays neither for amqtt nor for the sync cores.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from simulator._errors import SimulatorError
+    from simulator.broker import BrokerControl, BrokerStartError, EmbeddedBroker
+    from simulator.deterministic import DeterministicSim, SimConfig, SimResult, run_deterministic
+    from simulator.faults import (
+        Action,
+        DeviceRef,
+        DeviceSelector,
+        FaultSchedule,
+        FaultTimeline,
+        load_fault_schedule,
+    )
+    from simulator.fleet import Fleet, FleetSpec, RegionSpec, assign_fleet, load_fleet_spec
+    from simulator.injector import FaultInjector, FaultTarget, ProxyNetwork
+    from simulator.invariants import InvariantReport, Observations, check_invariants
+    from simulator.netproxy import ProxyError, TcpProxy
+    from simulator.report import ReportBuilder, RunReport, write_report
+    from simulator.swarm import SwarmOutcome, run_swarm
+
+__all__ = [
+    "Action",
+    "BrokerControl",
+    "BrokerStartError",
+    "DeterministicSim",
+    "DeviceRef",
+    "DeviceSelector",
+    "EmbeddedBroker",
+    "FaultInjector",
+    "FaultSchedule",
+    "FaultTarget",
+    "FaultTimeline",
+    "Fleet",
+    "FleetSpec",
+    "InvariantReport",
+    "Observations",
+    "ProxyError",
+    "ProxyNetwork",
+    "RegionSpec",
+    "ReportBuilder",
+    "RunReport",
+    "SimConfig",
+    "SimResult",
+    "SimulatorError",
+    "SwarmOutcome",
+    "TcpProxy",
+    "assign_fleet",
+    "check_invariants",
+    "load_fault_schedule",
+    "load_fleet_spec",
+    "run_deterministic",
+    "run_swarm",
+    "write_report",
+]
+
+_HOMES = {
+    "SimulatorError": "simulator._errors",
+    "BrokerControl": "simulator.broker",
+    "BrokerStartError": "simulator.broker",
+    "EmbeddedBroker": "simulator.broker",
+    "DeterministicSim": "simulator.deterministic",
+    "SimConfig": "simulator.deterministic",
+    "SimResult": "simulator.deterministic",
+    "run_deterministic": "simulator.deterministic",
+    "Action": "simulator.faults",
+    "DeviceRef": "simulator.faults",
+    "DeviceSelector": "simulator.faults",
+    "FaultSchedule": "simulator.faults",
+    "FaultTimeline": "simulator.faults",
+    "load_fault_schedule": "simulator.faults",
+    "FaultInjector": "simulator.injector",
+    "FaultTarget": "simulator.injector",
+    "ProxyNetwork": "simulator.injector",
+    "Fleet": "simulator.fleet",
+    "FleetSpec": "simulator.fleet",
+    "RegionSpec": "simulator.fleet",
+    "assign_fleet": "simulator.fleet",
+    "load_fleet_spec": "simulator.fleet",
+    "InvariantReport": "simulator.invariants",
+    "Observations": "simulator.invariants",
+    "check_invariants": "simulator.invariants",
+    "ProxyError": "simulator.netproxy",
+    "TcpProxy": "simulator.netproxy",
+    "ReportBuilder": "simulator.report",
+    "RunReport": "simulator.report",
+    "write_report": "simulator.report",
+    "SwarmOutcome": "simulator.swarm",
+    "run_swarm": "simulator.swarm",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -253,7 +253,8 @@ class SyncSession:
         self._rng = random.Random(self.session_id)
         self._seq = 0
         self._unacked: dict[int, _Pending] = {}
-        self._hello_confirmed = False
+        self._confirmed_by: str | None = None
+        """The peer session that acknowledged this session's HELLO."""
         self._hello_due: int | None = None
         self._hello_backoff = resend_initial_ms
         self._resync = False
@@ -276,8 +277,13 @@ class SyncSession:
 
     @property
     def hello_confirmed(self) -> bool:
-        """Whether the peer acknowledged this session's HELLO."""
-        return self._hello_confirmed
+        """Whether the peer's current session acknowledged this session's HELLO.
+
+        A confirmation by an earlier peer session does not count: a peer that
+        comes back with a new session has not seen our vector until it says so,
+        so our HELLO is retried until it does.
+        """
+        return self._confirmed_by is not None and self._confirmed_by == self.peer_session
 
     def add_scope(self, scope: str) -> list[bytes]:
         """Start syncing ``scope`` with the peer (announced by a new HELLO)."""
@@ -319,7 +325,7 @@ class SyncSession:
             out += self._hello(reply=True)
         elif self._resync and len(self._unacked) < self.max_unacked // 2:
             out += self._hello(reply=True)
-        elif not self._hello_confirmed and self._hello_due is not None and now >= self._hello_due:
+        elif not self.hello_confirmed and self._hello_due is not None and now >= self._hello_due:
             out += self._hello(reply=True, backoff=True)
         for pending in self._unacked.values():
             if now >= pending.due_ms:
@@ -340,7 +346,7 @@ class SyncSession:
         scope closes those holes, so vectors (and with them tombstone collection)
         converge, not just values.
         """
-        if not self._hello_confirmed or self._resync:
+        if not self.hello_confirmed or self._resync:
             return []
         busy = {p.scope for p in self._unacked.values()}
         out: list[bytes] = []
@@ -584,6 +590,7 @@ class SyncSession:
 
     def _on_hello(self, raw: object) -> _Apply:
         body = _body(raw, _HELLO_KEYS)
+        sender = _check_name("session id", body["s"])
         bd = _check_int("bdSeq", body["bd"])
         if type(body["r"]) is not bool:
             raise ProtocolError("HELLO field r must be a bool")
@@ -604,7 +611,7 @@ class SyncSession:
         def apply() -> tuple[list[bytes], bool]:
             self.peer_bd_seq = bd
             if ps == self.session_id:
-                self._hello_confirmed = True
+                self._confirmed_by = sender
             out: list[bytes] = []
             if body["r"]:
                 out += self._hello(reply=False)
@@ -735,6 +742,7 @@ class SyncSession:
 
     def _on_ack(self, raw: object) -> _Apply:
         body = _body(raw, _ACK_KEYS)
+        sender = _check_name("session id", body["s"])
         ps = body["ps"]
         if ps is not None:
             _check_name("session id", ps)
@@ -748,8 +756,13 @@ class SyncSession:
         }
 
         def apply() -> tuple[list[bytes], bool]:
-            if ps == self.session_id:
-                self._hello_confirmed = True
+            if ps != self.session_id:
+                # An ACK for an earlier session of ours (late, across a reconnect):
+                # its seqs number that session's messages, not this one's. Its
+                # vectors and cursors are still facts about the peer.
+                seqs.clear()
+            else:
+                self._confirmed_by = sender
             for s in seqs:
                 self._unacked.pop(s, None)
             for sc, vv in vvs.items():
