@@ -19,6 +19,8 @@ from sync._exceptions import ConfigError, NovaCronError
 # A subcommand is listed only once its capability exists.
 _COMMAND_MODULES: tuple[str, ...] = (
     "cloud_hub._cli",
+    "cloud_hub._client_cli",
+    "cloud_hub._hub_cli",
     "edge_agent._cli",
     "firmware_profiles._cli",
     "regional_relay._cli",
