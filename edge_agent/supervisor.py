@@ -171,15 +171,18 @@ class Supervisor:
         actual: ActualState | None,
     ) -> None:
         rec = self._records.setdefault(name, WorkloadRecord(name=name))
-        before = rec.phase
+        before, before_version = rec.phase, rec.version
         try:
             decision = await self._decide(rec, wanted, override, actual)
         except Exception as exc:  # a bug in one workload must not stop the others
             log.exception("supervising workload %s failed", name)
             decision = Decision("none", "failed", f"internal error: {exc}")
-        if decision.phase != before or decision.reason != rec.reason:
+        # A replaced workload (running -> running at a new version) is a transition
+        # too: the reported status must carry the version now running.
+        new_version = rec.version != before_version
+        if decision.phase != before or decision.reason != rec.reason or new_version:
             rec.reason = decision.reason
-            if decision.phase != before:
+            if decision.phase != before or new_version:
                 await self._emit(rec, before, decision.phase, decision.reason)
             rec.phase = decision.phase
 
