@@ -18,8 +18,20 @@ returns a dict merged into the output object):
   timing), and ``placement_10k_ms`` is the slower of the two medians, the figure
   the README target (<= 200 ms) applies to.
 
-The ingest (``ingest_deltas_per_s``) and API (``api_p99_ms``) figures will join
-:data:`FIGURES` as their parts of the hub land.
+* ``ingest_deltas_per_s`` — the reconciler's ingest of relay batches into the
+  SQLite store, minus MQTT (:mod:`bench._hub_ingest`): every relay and device
+  signature verified, deltas merged, one store transaction per group of
+  batches, acks built; against raw ``sqlite3`` ``executemany`` of one row per
+  delta in the same run (``ingest_ratio_vs_raw``). Devices send 50 deltas per
+  signed envelope, the smallest ``sync_batch_size`` of the built-in profiles
+  (what an agent sends when it catches up after a partition, the moment ingest
+  speed matters). ``ingest_deltas_per_s_10_per_envelope`` repeats it with 10:
+  the hub verifies one Ed25519 signature per envelope, so small envelopes cost
+  more per delta.
+* ``api_p99_ms`` — p99 latency of device list and device detail calls with
+  ``--devices`` devices stored, at ``--rate`` (200) requests/s from this process
+  against ``novacron hub serve`` in its own process; baseline a bare aiohttp
+  server answering the same bytes under the same load (:mod:`bench._hub_api`).
 """
 
 from __future__ import annotations
@@ -61,6 +73,8 @@ class BenchConfig:
     regions: int
     replicas: int
     repeats: int
+    rate: float = 200.0
+    quick: bool = False
 
 
 def synthetic_fleet(n: int, regions: int, *, seed: int = _SEED) -> list[DeviceView]:
@@ -160,8 +174,34 @@ def placement_10k_ms(cfg: BenchConfig) -> Figures:
     }
 
 
+def ingest_deltas_per_s(cfg: BenchConfig) -> Figures:
+    """Hub ingest of relay batches (see the module docstring)."""
+    from _hub_ingest import measure_ingest
+
+    devices, per_device = (200, 50) if cfg.quick else (1_000, 100)
+    main = measure_ingest(devices, per_device, entries_per_envelope=50)
+    small = measure_ingest(devices, per_device, entries_per_envelope=10)
+    out: Figures = {k: v for k, v in main.items() if isinstance(v, int | float | str)}
+    out["ingest_deltas_per_s_10_per_envelope"] = small["ingest_deltas_per_s"]
+    out["ingest_ratio_vs_raw_10_per_envelope"] = small["ingest_ratio_vs_raw"]
+    return out
+
+
+def api_p99_ms(cfg: BenchConfig) -> Figures:
+    """Hub API latency under load (see the module docstring)."""
+    from _hub_api import measure_api
+
+    devices = min(cfg.devices, 1_000) if cfg.quick else cfg.devices
+    out = measure_api(
+        devices=devices, regions=cfg.regions, rate=cfg.rate, duration_s=3.0 if cfg.quick else 15.0
+    )
+    return {k: v for k, v in out.items() if isinstance(v, int | float | str)}
+
+
 FIGURES: list[Callable[[BenchConfig], Figures]] = [
     placement_10k_ms,
+    ingest_deltas_per_s,
+    api_p99_ms,
 ]
 
 
@@ -192,12 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regions", type=int, default=10, help="regions of the fleet")
     parser.add_argument("--replicas", type=int, default=1_000, help="replicas to place")
     parser.add_argument("--repeats", type=int, help="timed runs per figure (median counts)")
+    parser.add_argument("--rate", type=float, default=200.0, help="API requests per second")
     args = parser.parse_args(argv)
     cfg = BenchConfig(
         devices=args.devices,
         regions=args.regions,
         replicas=args.replicas,
         repeats=args.repeats or (3 if args.quick else 11),
+        rate=args.rate,
+        quick=args.quick,
     )
     out = run_all(cfg)
     if args.json:
