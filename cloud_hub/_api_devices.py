@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import logging
@@ -84,9 +85,12 @@ async def _state(call: Call, device_id: str) -> dict[str, Any]:
 
     store = call.ctx.store
     state: dict[str, Any] = {"desired": {}, "reported": {}, "overrides": {}}
+    desired_raw, own_raw = await asyncio.gather(
+        store.get_scope(f"desired/{device_id}"), store.get_scope(f"device/{device_id}")
+    )
     try:
-        desired = _decode_scope(await store.get_scope(f"desired/{device_id}"))
-        own = _decode_scope(await store.get_scope(f"device/{device_id}"))
+        desired = _decode_scope(desired_raw)
+        own = _decode_scope(own_raw)
     except (NovaCronError, ValueError, TypeError) as exc:
         logger.warning("device %s: stored state cannot be decoded: %s", device_id, exc)
         return state | {"error": "the stored state cannot be decoded"}
@@ -131,12 +135,16 @@ async def list_devices(call: Call) -> Reply:
 async def get_device(call: Call) -> Reply:
     """``GET /api/v1/devices/{id}``: record, health, replicated state, assignments."""
     device_id = call.path("id")
-    device = await call.ctx.store.get_device(device_id)
+    # Independent reads, concurrently: the store answers each from its reader pool.
+    device, assignments, state = await asyncio.gather(
+        call.ctx.store.get_device(device_id),
+        call.ctx.store.list_assignments(device_id=device_id),
+        _state(call, device_id),
+    )
     health = call.ctx.health.device(device_id, call.now_ms())
-    assignments = await call.ctx.store.list_assignments(device_id=device_id)
     body = device_json(device) | {
         "health": None if health is None else dataclasses.asdict(health),
-        "state": await _state(call, device_id),
+        "state": state,
         "assignments": [
             {"deployment": a.deployment, "assigned_at": iso_ms(a.assigned_at_ms)}
             for a in assignments
