@@ -122,16 +122,38 @@ def _tokens(config: HubConfig) -> SQLiteTokenStore:
     return SQLiteTokenStore.open(config.data_dir / "tokens.db")
 
 
+def _audit(config: HubConfig, action: str, target: str, detail: dict[str, Any]) -> None:
+    """Token changes made on the hub host are audited like API calls."""
+    import getpass  # noqa: PLC0415
+
+    from cloud_hub.audit import AuditLog  # noqa: PLC0415
+
+    log = AuditLog.open(config.data_dir / "audit.db")
+    try:
+        log.append(
+            actor=f"local:{getpass.getuser()}",
+            role="host",
+            action=f"cli {action}",
+            target=target,
+            outcome=0,
+            detail=detail,
+        )
+    finally:
+        log.close()
+
+
 def _token_create(args: argparse.Namespace) -> int:
     if args.role == "device" and not args.device:
         raise ConfigError("a device token needs --device ID", source="<argv>", field="--device")
     if args.role != "device" and args.device:
         raise ConfigError("--device is only for --role device", source="<argv>", field="--device")
-    store = _tokens(_config(args))
+    config = _config(args)
+    store = _tokens(config)
     try:
         raw, info = store.create(args.name, args.role, device_id=args.device, ttl=args.ttl)
     finally:
         store.close()
+    _audit(config, "token create", info.id, {"name": info.name, "role": info.role})
     if args.json:
         print(json.dumps({"token": raw, **info.to_dict()}, indent=2, default=str))
     else:
@@ -157,10 +179,12 @@ def _token_list(args: argparse.Namespace) -> int:
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
-    store = _tokens(_config(args))
+    config = _config(args)
+    store = _tokens(config)
     try:
         info = store.revoke(args.token_id)
     finally:
         store.close()
+    _audit(config, "token revoke", info.id, {"name": info.name})
     print(f"revoked {info.id} ({info.name})")
     return 0
