@@ -14,7 +14,7 @@ app when the route mutates) or any aiohttp response (metrics text, SSE).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -48,6 +48,9 @@ __all__ = [
     "enroll_token_json",
     "iso_ms",
     "limit_param",
+    "list_reply",
+    "list_schema",
+    "object_schema",
     "page_query",
     "rollout_json",
 ]
@@ -204,6 +207,27 @@ def page_query(call: Call) -> tuple[str | None, int]:
     if cursor == "":
         raise Problem(400, "query parameter 'cursor' must not be empty", slug="bad-cursor")
     return cursor, query_int(call.request, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
+
+
+def list_reply(items: Iterable[Any], next_cursor: str | None = None) -> Reply:
+    """A list answer, ``{"items": [...], "next_cursor": ...}`` (None: nothing more)."""
+    return Reply({"items": list(items), "next_cursor": next_cursor})
+
+
+# -- response schemas ----------------------------------------------------------------------
+
+
+def object_schema(required: list[str], props: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of an object with these properties, ``required`` among them."""
+    return {"type": "object", "required": required, "properties": dict(props)}
+
+
+def list_schema(item: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of a list answer (see :func:`list_reply`) of ``item``."""
+    return object_schema(
+        ["items", "next_cursor"],
+        {"items": {"type": "array", "items": item}, "next_cursor": {"type": ["string", "null"]}},
+    )
 
 
 # -- JSON views of records ----------------------------------------------------------------

@@ -16,6 +16,9 @@ from cloud_hub._api_common import (
     deployment_json,
     iso_ms,
     limit_param,
+    list_reply,
+    list_schema,
+    object_schema,
     page_query,
     rollout_json,
 )
@@ -116,9 +119,7 @@ async def list_deployments(call: Call) -> Reply:
     """``GET /api/v1/deployments``."""
     cursor, limit = page_query(call)
     page = await call.ctx.store.list_deployments(cursor=cursor, limit=limit)
-    return Reply(
-        {"items": [deployment_json(r) for r in page.items], "next_cursor": page.next_cursor}
-    )
+    return list_reply(map(deployment_json, page.items), page.next_cursor)
 
 
 async def get_deployment(call: Call) -> Reply:
@@ -142,7 +143,7 @@ async def get_deployment(call: Call) -> Reply:
 async def deployment_history(call: Call) -> Reply:
     """``GET /api/v1/deployments/{name}/history``: every version, oldest first."""
     records = await call.ctx.store.deployment_history(call.path("name"))
-    return Reply({"items": [deployment_json(r) for r in records], "next_cursor": None})
+    return list_reply(map(deployment_json, records))
 
 
 async def delete_deployment(call: Call) -> Reply:
@@ -166,7 +167,7 @@ async def list_rollouts(call: Call) -> Reply:
     if phase is not None and phase not in _PHASES:
         raise Problem(400, f"phase must be one of {', '.join(_PHASES)}", slug="bad-query")
     page = await call.ctx.store.list_rollouts(phase=phase, cursor=cursor, limit=limit)
-    return Reply({"items": [rollout_json(r) for r in page.items], "next_cursor": page.next_cursor})
+    return list_reply(map(rollout_json, page.items), page.next_cursor)
 
 
 async def get_rollout(call: Call) -> Reply:
@@ -197,11 +198,7 @@ def _command(command: str) -> Any:
     return handler
 
 
-def _obj(required: list[str], props: Mapping[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "required": required, "properties": dict(props)}
-
-
-_DEPLOYMENT: Final = _obj(
+_DEPLOYMENT: Final = object_schema(
     ["name", "version", "document", "created_at", "actor", "deleted"],
     {
         "name": {"type": "string"},
@@ -212,7 +209,7 @@ _DEPLOYMENT: Final = _obj(
         "deleted": {"type": "boolean"},
     },
 )
-_ROLLOUT: Final = _obj(
+_ROLLOUT: Final = object_schema(
     ["deployment", "version", "phase", "state", "updated_at"],
     {
         "deployment": {"type": "string"},
@@ -224,13 +221,6 @@ _ROLLOUT: Final = _obj(
     },
 )
 _ROLLOUT_OR_NULL: Final = {"anyOf": [_ROLLOUT, {"type": "null"}]}
-
-
-def _list(item: Mapping[str, Any]) -> dict[str, Any]:
-    return _obj(
-        ["items", "next_cursor"],
-        {"items": {"type": "array", "items": item}, "next_cursor": {"type": ["string", "null"]}},
-    )
 
 
 _NAME: Final = "/api/v1/deployments/{name}"
@@ -248,7 +238,9 @@ ROUTES: Final = (
         body_types=_BODY_TYPES,
         body_schema=Deployment.model_json_schema(by_alias=True),
         status=(201, 200),
-        response=_obj(["deployment", "rollout"], {"deployment": _DEPLOYMENT, "rollout": {}}),
+        response=object_schema(
+            ["deployment", "rollout"], {"deployment": _DEPLOYMENT, "rollout": {}}
+        ),
         problems=(409,),
     ),
     Route(
@@ -259,7 +251,7 @@ ROUTES: Final = (
         "Latest version of each deployment",
         "deployment",
         query=(cursor_param, limit_param),
-        response=_list(_DEPLOYMENT),
+        response=list_schema(_DEPLOYMENT),
     ),
     Route(
         "GET",
@@ -282,7 +274,7 @@ ROUTES: Final = (
         "Every version of a deployment, oldest first",
         "deployment",
         id_param="name",
-        response=_list(_DEPLOYMENT),
+        response=list_schema(_DEPLOYMENT),
     ),
     Route(
         "DELETE",
@@ -307,7 +299,7 @@ ROUTES: Final = (
             cursor_param,
             limit_param,
         ),
-        response=_list(_ROLLOUT),
+        response=list_schema(_ROLLOUT),
     ),
     Route(
         "GET",

@@ -22,6 +22,8 @@ from cloud_hub._api_common import (
     device_json,
     iso_ms,
     limit_param,
+    list_reply,
+    list_schema,
     page_query,
 )
 from cloud_hub._problems import (
@@ -129,7 +131,7 @@ async def list_devices(call: Call) -> Reply:
         limit=limit,
     )
     page = await call.ctx.store.list_devices(query)
-    return Reply({"items": [device_json(d) for d in page.items], "next_cursor": page.next_cursor})
+    return list_reply(map(device_json, page.items), page.next_cursor)
 
 
 async def get_device(call: Call) -> Reply:
@@ -196,7 +198,7 @@ async def device_events(call: Call) -> Reply:
         }
         for e in events
     ]
-    return Reply({"items": items, "next_cursor": None})
+    return list_reply(items)
 
 
 _DEVICE: Final = {
@@ -219,19 +221,8 @@ _DEVICE: Final = {
 }
 
 
-def _list_of(item: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["items", "next_cursor"],
-        "properties": {
-            "items": {"type": "array", "items": item},
-            "next_cursor": {"type": ["string", "null"]},
-        },
-    }
-
-
 DEVICE_SCHEMA: Final = _DEVICE
-DEVICE_LIST_SCHEMA: Final = _list_of(_DEVICE)
+DEVICE_LIST_SCHEMA: Final = list_schema(_DEVICE)
 _DETAIL: Final = {
     **_DEVICE,
     "required": [*_DEVICE["required"], "health", "state", "assignments"],
@@ -320,6 +311,6 @@ ROUTES: Final = (
             ),
             limit_param,
         ),
-        response=_list_of(_EVENT),
+        response=list_schema(_EVENT),
     ),
 )

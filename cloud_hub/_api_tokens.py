@@ -18,6 +18,9 @@ from cloud_hub._api_common import (
     enroll_token_json,
     iso_ms,
     limit_param,
+    list_reply,
+    list_schema,
+    object_schema,
     page_query,
 )
 from cloud_hub._problems import Problem, parse_json, query_int, read_body, validate_model
@@ -84,9 +87,7 @@ async def list_enroll_tokens(call: Call) -> Reply:
     """``GET /api/v1/enrollment-tokens``."""
     cursor, limit = page_query(call)
     page = await call.ctx.store.list_enroll_tokens(cursor=cursor, limit=limit)
-    return Reply(
-        {"items": [enroll_token_json(t) for t in page.items], "next_cursor": page.next_cursor}
-    )
+    return list_reply(map(enroll_token_json, page.items), page.next_cursor)
 
 
 async def revoke_enroll_token(call: Call) -> Reply:
@@ -116,7 +117,7 @@ async def create_api_token(call: Call) -> Reply:
 async def list_api_tokens(call: Call) -> Reply:
     """``GET /api/v1/tokens`` (admin): every token, oldest first, never a secret."""
     infos = await asyncio.to_thread(call.ctx.tokens.list)
-    return Reply({"items": [i.to_dict() for i in infos], "next_cursor": None})
+    return list_reply(i.to_dict() for i in infos)
 
 
 async def revoke_api_token(call: Call) -> Reply:
@@ -147,22 +148,11 @@ async def list_audit(call: Call) -> Reply:
         for e in entries
     ]
     next_cursor = str(entries[-1].seq) if len(entries) == limit else None
-    return Reply({"items": items, "next_cursor": next_cursor})
-
-
-def _obj(required: list[str], props: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "required": required, "properties": props}
-
-
-def _list(item: dict[str, Any]) -> dict[str, Any]:
-    return _obj(
-        ["items", "next_cursor"],
-        {"items": {"type": "array", "items": item}, "next_cursor": {"type": ["string", "null"]}},
-    )
+    return list_reply(items, next_cursor)
 
 
 _TIME: Final = {"type": ["string", "null"], "format": "date-time"}
-_ENROLL_TOKEN: Final = _obj(
+_ENROLL_TOKEN: Final = object_schema(
     ["id", "name", "region", "labels", "max_uses", "uses", "expires_at"],
     {
         "id": {"type": "string"},
@@ -177,7 +167,7 @@ _ENROLL_TOKEN: Final = _obj(
         "revoked_at": _TIME,
     },
 )
-_API_TOKEN: Final = _obj(
+_API_TOKEN: Final = object_schema(
     ["id", "name", "role", "device_id", "created_at", "expires_at", "revoked_at"],
     {
         "id": {"type": "string"},
@@ -199,7 +189,7 @@ def _with_secret(schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_AUDIT_ENTRY: Final = _obj(
+_AUDIT_ENTRY: Final = object_schema(
     ["seq", "ts", "actor", "role", "action", "target", "outcome", "detail", "hash"],
     {
         "seq": {"type": "integer"},
@@ -237,7 +227,7 @@ ROUTES: Final = (
         "Enrollment tokens (never their secrets)",
         "enrollment_token",
         query=(cursor_param, limit_param),
-        response=_list(_ENROLL_TOKEN),
+        response=list_schema(_ENROLL_TOKEN),
     ),
     Route(
         "DELETE",
@@ -270,7 +260,7 @@ ROUTES: Final = (
         "API tokens (admin; never their secrets)",
         "token",
         "admin",
-        response=_list(_API_TOKEN),
+        response=list_schema(_API_TOKEN),
     ),
     Route(
         "DELETE",
@@ -297,6 +287,6 @@ ROUTES: Final = (
                 "limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "size"
             ),
         ),
-        response=_list(_AUDIT_ENTRY),
+        response=list_schema(_AUDIT_ENTRY),
     ),
 )

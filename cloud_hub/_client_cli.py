@@ -147,38 +147,21 @@ def _paging_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cursor", default=None, help="start at this next_cursor of an earlier page")
 
 
-def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Add ``apply``, ``get``, ``describe``, ``rollout`` and ``enroll-token``."""
-    conn = _connection_parent()
+def _hub_command(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    conn: argparse.ArgumentParser,
+    *,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """A command that talks to the hub: the connection flags, and where they come from."""
+    return subparsers.add_parser(
+        name, parents=[conn], help=help, description=f"{description} {_CONNECTION_HELP}"
+    )
 
-    p = subparsers.add_parser(
-        "apply",
-        parents=[conn],
-        help="create or update a deployment from a manifest file",
-        description="Validate a Deployment manifest (YAML or JSON) locally, then send it to "
-        "the hub. A changed manifest becomes a new version and starts a rollout; an "
-        "identical one is reported unchanged. An invalid manifest exits 2 naming the file "
-        "and the field, without contacting the hub. " + _CONNECTION_HELP,
-    )
-    p.add_argument(
-        "-f", "--filename", required=True, metavar="FILE", help="manifest file ('-' for stdin)"
-    )
-    _output_arg(p)
-    p.set_defaults(func=_apply)
 
-    p = subparsers.add_parser(
-        "get",
-        parents=[conn],
-        help="list devices, deployments, rollouts or enrollment tokens",
-        description="List resources, one page (--limit) or all of them (--all). Filters: "
-        "--label/--region/--profile/--status for devices, --status (the phase) for "
-        "rollouts. " + _CONNECTION_HELP,
-    )
-    p.add_argument(
-        "resource",
-        choices=["devices", "deployments", "rollouts"],
-        help="what to list",
-    )
+def _label_arg(p: argparse.ArgumentParser, text: str) -> None:
     p.add_argument(
         "-l",
         "--label",
@@ -186,8 +169,45 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="devices with this label (repeatable; all must match)",
+        help=text,
     )
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add ``apply``, ``get``, ``describe``, ``rollout`` and ``enroll-token``."""
+    conn = _connection_parent()
+
+    p = _hub_command(
+        subparsers,
+        "apply",
+        conn,
+        help="create or update a deployment from a manifest file",
+        description="Validate a Deployment manifest (YAML or JSON) locally, then send it to "
+        "the hub. A changed manifest becomes a new version and starts a rollout; an "
+        "identical one is reported unchanged. An invalid manifest exits 2 naming the file "
+        "and the field, without contacting the hub.",
+    )
+    p.add_argument(
+        "-f", "--filename", required=True, metavar="FILE", help="manifest file ('-' for stdin)"
+    )
+    _output_arg(p)
+    p.set_defaults(func=_apply)
+
+    p = _hub_command(
+        subparsers,
+        "get",
+        conn,
+        help="list devices, deployments, rollouts or enrollment tokens",
+        description="List resources, one page (--limit) or all of them (--all). Filters: "
+        "--label/--region/--profile/--status for devices, --status (the phase) for "
+        "rollouts.",
+    )
+    p.add_argument(
+        "resource",
+        choices=["devices", "deployments", "rollouts"],
+        help="what to list",
+    )
+    _label_arg(p, "devices with this label (repeatable; all must match)")
     p.add_argument("--region", default=None, help="devices in this region")
     p.add_argument("--profile", default=None, help="devices with this firmware profile")
     p.add_argument(
@@ -200,12 +220,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     _paging_args(p)
     p.set_defaults(func=_get)
 
-    p = subparsers.add_parser(
+    p = _hub_command(
+        subparsers,
         "describe",
-        parents=[conn],
+        conn,
         help="show one device or deployment in detail",
         description="Show a device (record, health, desired and reported state, "
-        "assignments) or a deployment (latest version, rollout, assignments). " + _CONNECTION_HELP,
+        "assignments) or a deployment (latest version, rollout, assignments).",
     )
     p.add_argument("resource", choices=["device", "deployment"], help="what to show")
     p.add_argument("name", help="the device id or the deployment name")
@@ -225,12 +246,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "undo": "roll back to the previous version",
     }
     for cmd, text in texts.items():
-        p = rsub.add_parser(
+        p = _hub_command(
+            rsub,
             cmd,
-            parents=[conn],
+            conn,
             help=text,
             description=f"{text[0].upper()}{text[1:]}. A command the rollout's phase does "
-            "not allow exits 1 with the hub's reason. " + _CONNECTION_HELP,
+            "not allow exits 1 with the hub's reason.",
         )
         p.add_argument("name", help="the deployment name")
         _output_arg(p)
@@ -243,24 +265,17 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "enroll --token`. " + _CONNECTION_HELP,
     )
     tsub = tokens.add_subparsers(dest="token_command", metavar="TOKEN_COMMAND", required=True)
-    p = tsub.add_parser(
+    p = _hub_command(
+        tsub,
         "create",
-        parents=[conn],
+        conn,
         help="make a token and print its secret once",
         description="Make an enrollment token for a region. The secret is printed once; "
-        "the hub keeps only its hash. " + _CONNECTION_HELP,
+        "the hub keeps only its hash.",
     )
     p.add_argument("--region", required=True, help="the region enrolled devices join")
     p.add_argument("--name", default=None, help="a name for the token (default: enroll-REGION)")
-    p.add_argument(
-        "-l",
-        "--label",
-        type=_label,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a label enrolled devices get (repeatable)",
-    )
+    _label_arg(p, "a label enrolled devices get (repeatable)")
     p.add_argument(
         "--uses", type=_positive, default=1, metavar="N", help="how many devices (default: 1)"
     )
@@ -274,22 +289,23 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     _output_arg(p)
     p.set_defaults(func=_token_create)
 
-    p = tsub.add_parser(
+    p = _hub_command(
+        tsub,
         "list",
-        parents=[conn],
+        conn,
         help="list enrollment tokens (never their secrets)",
-        description="List enrollment tokens. " + _CONNECTION_HELP,
+        description="List enrollment tokens.",
     )
     _output_arg(p)
     _paging_args(p)
     p.set_defaults(func=_token_list)
 
-    p = tsub.add_parser(
+    p = _hub_command(
+        tsub,
         "revoke",
-        parents=[conn],
+        conn,
         help="revoke an enrollment token by id",
-        description="Revoke an enrollment token: devices can no longer enroll with it. "
-        + _CONNECTION_HELP,
+        description="Revoke an enrollment token: devices can no longer enroll with it.",
     )
     p.add_argument("id", help="the token id (from `enroll-token list`)")
     p.set_defaults(func=_token_revoke)

@@ -37,6 +37,7 @@ from cloud_hub._exceptions import (
     RolloutStateError,
     TokenNotFoundError,
 )
+from cloud_hub.manifests import reject_duplicate_keys
 from cloud_hub.store import ConflictError, CursorError, NotFoundError, TokenRefusedError
 from sync._exceptions import ConfigError
 
@@ -242,15 +243,6 @@ async def read_body(request: web.Request, allowed: Sequence[str]) -> tuple[str, 
     return media_type, await request.read()
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -263,7 +255,9 @@ def parse_json(raw: bytes) -> Any:
     """
     try:
         text = raw.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return json.loads(
+            text, object_pairs_hook=reject_duplicate_keys, parse_constant=_no_constant
+        )
     except json.JSONDecodeError as exc:
         raise Problem(
             400,

@@ -29,10 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from cloud_hub import _sqlite_store_ops as ops
+from cloud_hub._closing import AsyncClosing
 from cloud_hub._sqlite_store_schema import CheckMode, connect, is_corruption, open_database
 from cloud_hub.store import (
     DEFAULT_PAGE_LIMIT,
@@ -81,7 +81,7 @@ class StoreStats:
     events_pruned: int = 0
 
 
-class SQLiteStore:
+class SQLiteStore(AsyncClosing):
     """The embedded hub store (see the module docstring). Open it with
     :func:`open_sqlite_store`; close it with :meth:`aclose` or ``async with``.
 
@@ -121,15 +121,6 @@ class SQLiteStore:
         """Return the (already open) store."""
         self._check_open()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close, see :meth:`aclose`."""
-        await self.aclose()
 
     @property
     def closed(self) -> bool:

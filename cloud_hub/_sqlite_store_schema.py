@@ -24,10 +24,21 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final
 
 from cloud_hub.store import StoreError
-from edge_agent._sqlite import MigrationSet
+
+# The header and integrity checks are the agent journal's and relay outbox's
+# (edge_agent._sqlite); the hub's answer to what they find is its own: refuse
+# the file (never quarantine it).
+from edge_agent._sqlite import (
+    CheckMode,
+    MigrationSet,
+    _check_header,
+    _CorruptError,
+    _is_corruption,
+    _run_check,
+)
 
 if TYPE_CHECKING:
     from sqlite_utils import Database
@@ -35,11 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["MIGRATION_SET", "CheckMode", "connect", "open_database"]
 
 logger = logging.getLogger(__name__)
-
-CheckMode = Literal["integrity", "quick", "none"]
-
-_SQLITE_MAGIC: Final = b"SQLite format 3\x00"
-_CORRUPT_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 # -- migrations (append only) ----------------------------------------------------------
@@ -184,38 +190,7 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
 
 def is_corruption(exc: sqlite3.Error) -> bool:
     """Whether an SQLite error means the file is damaged or not a database."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return (code & 0xFF) in _CORRUPT_CODES
-    return type(exc) is sqlite3.DatabaseError
-
-
-def _check_header(path: Path) -> None:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return
-    if size == 0:
-        return
-    with path.open("rb") as fh:
-        header = fh.read(len(_SQLITE_MAGIC))
-    if header != _SQLITE_MAGIC:
-        raise StoreError(
-            f"hub store {path}: not an SQLite database (bad header); "
-            "restore it from a backup or point the hub at another file"
-        )
-
-
-def _run_check(conn: sqlite3.Connection, path: Path, check: CheckMode) -> None:
-    if check == "none":
-        return
-    pragma = "integrity_check" if check == "integrity" else "quick_check"
-    rows = [str(r[0]) for r in conn.execute(f"PRAGMA {pragma}(20)").fetchall()]
-    if rows != ["ok"]:
-        raise StoreError(
-            f"hub store {path}: database is corrupt ({pragma}: {'; '.join(rows[:5])}); "
-            "restore it from a backup"
-        )
+    return isinstance(exc, sqlite3.DatabaseError) and _is_corruption(exc)
 
 
 def _enable_wal(conn: sqlite3.Connection, path: Path) -> None:
@@ -253,17 +228,28 @@ def open_database(path: Path, *, check: CheckMode = "quick") -> sqlite3.Connecti
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"hub store {path}: cannot create its directory: {exc}") from exc
-    _check_header(path)
+    try:
+        _check_header(path)
+    except _CorruptError as exc:
+        raise StoreError(
+            f"hub store {path}: not an SQLite database (bad header); "
+            "restore it from a backup or point the hub at another file"
+        ) from exc
     try:
         conn = connect(path)
     except sqlite3.Error as exc:
         raise _open_error(path, exc) from exc
     try:
         _enable_wal(conn, path)
-        _run_check(conn, path, check)
+        _run_check(conn, check)
         _check_version(conn, path)
         MIGRATION_SET.apply(conn)
         conn.isolation_level = None  # sqlite-utils may leave it set
+    except _CorruptError as exc:
+        conn.close()
+        raise StoreError(
+            f"hub store {path}: database is corrupt ({exc}); restore it from a backup"
+        ) from exc
     except sqlite3.Error as exc:
         conn.close()
         raise _open_error(path, exc) from exc

@@ -91,7 +91,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self
 
 from cloud_hub._audit_chain import (
@@ -118,6 +117,7 @@ from cloud_hub._audit_verify import (
     row_entry,
     verify,
 )
+from cloud_hub._closing import Closing
 from cloud_hub._exceptions import AuditError
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def _apply_migrations(conn: sqlite3.Connection) -> None:
 # -- the log ---------------------------------------------------------------------------
 
 
-class AuditLog:
+class AuditLog(Closing):
     """An open audit log (a context manager; see the module docstring).
 
     Open it with :meth:`open`. All methods are blocking and thread-safe: call them
@@ -284,20 +284,7 @@ class AuditLog:
         except sqlite3.Error as exc:
             raise AuditError(f"cannot open audit log: {exc}", path=str(path)) from exc
 
-    # -- context manager -------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        """Return the log itself."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close the log."""
-        self.close()
+    # -- closing -------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the database connection. Idempotent."""

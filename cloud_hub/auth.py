@@ -45,9 +45,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Self, get_args
 
+from cloud_hub._closing import Closing
 from cloud_hub._exceptions import AuthError, TokenNotFoundError
 
 if TYPE_CHECKING:
@@ -352,7 +352,7 @@ def _row_info(row: tuple[Any, ...]) -> TokenInfo:
     )
 
 
-class SQLiteTokenStore:
+class SQLiteTokenStore(Closing):
     """The embedded :class:`TokenStore` (one SQLite table, ``api_tokens``; WAL).
 
     Thread-safe: one connection behind a lock (token operations are short).
@@ -398,19 +398,6 @@ class SQLiteTokenStore:
             conn.close()
             raise
         return cls(conn, clock)
-
-    def __enter__(self) -> Self:
-        """Return the store itself."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close the store."""
-        self.close()
 
     def close(self) -> None:
         """Close the connection. Idempotent."""

@@ -26,10 +26,10 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import quote, urlsplit
 
+from cloud_hub._closing import AsyncClosing
 from cloud_hub._exceptions import HubError
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ def _describe(exc: BaseException, timeout_s: float) -> str:
     return str(exc) or type(exc).__name__
 
 
-class HubClient:
+class HubClient(AsyncClosing):
     """An async client for one hub, with one bearer token.
 
     Use it as an async context manager (it owns an ``aiohttp.ClientSession``).
@@ -266,17 +266,6 @@ class HubClient:
         self._token = token
         self._timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the HTTP session (idempotent)."""

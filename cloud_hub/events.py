@@ -25,8 +25,9 @@ import logging
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
+
+from cloud_hub._closing import Closing
 
 __all__ = ["DEFAULT_QUEUE_SIZE", "DROPPED", "Event", "EventBus", "Subscription"]
 
@@ -52,7 +53,7 @@ class Event:
     seq: int = 0
 
 
-class Subscription:
+class Subscription(Closing):
     """One subscriber's bounded queue; use :meth:`EventBus.subscribe`."""
 
     def __init__(self, bus: EventBus, queue_size: int) -> None:
@@ -106,19 +107,6 @@ class Subscription:
         """Unsubscribe; a pending :meth:`get` returns what is queued, then None."""
         self._bus._unsubscribe(self)
         self._close()
-
-    def __enter__(self) -> Self:
-        """Return the subscription itself."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Unsubscribe."""
-        self.close()
 
 
 class EventBus:

@@ -348,7 +348,8 @@ class Deployment(_Frozen):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.loads`: a repeated key is a ValueError."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
@@ -360,7 +361,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _parse_document(text: str, *, source: str, as_json: bool) -> dict[str, Any]:
     if as_json:
         try:
-            data = json.loads(text, object_pairs_hook=_reject_duplicates)
+            data = json.loads(text, object_pairs_hook=reject_duplicate_keys)
         except json.JSONDecodeError as exc:
             raise ConfigError(
                 f"line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}", source=source

@@ -53,6 +53,7 @@ from tests.fixtures_mqtt import (
     write_password_file,
 )
 from tests.helpers import wait_until_async
+from tests.relay.relay_harness import collect_until
 
 REGION = "eu-west"
 DEADLINE_S = 15.0
@@ -407,17 +408,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], expected: bool) -> No
         return await check() is expected
 
     await wait_until_async(holds, within=DEADLINE_S)
-
-
-async def collect_until(c: aiomqtt.Client, marker: bytes) -> list[tuple[str, bytes]]:
-    seen: list[tuple[str, bytes]] = []
-    async with asyncio.timeout(DEADLINE_S):
-        async for msg in c.messages:
-            payload = bytes(msg.payload) if isinstance(msg.payload, bytes | bytearray) else b""
-            seen.append((str(msg.topic), payload))
-            if payload == marker:
-                return seen
-    raise AssertionError("message stream ended")  # pragma: no cover
 
 
 def topic(device: str, kind: str) -> str:

@@ -76,9 +76,9 @@ class Hub:
     events: EventRecorder
     ctl: FleetController
 
-    def controller(self, writer: InMemoryDesiredWriter | None = None) -> FleetController:
-        """A new controller over the same store (a hub restart)."""
-        return FleetController(
+    async def restart(self, writer: InMemoryDesiredWriter | None = None) -> FleetController:
+        """A hub restart: a new controller over the same store, started, in :attr:`ctl`."""
+        self.ctl = FleetController(
             self.store,
             writer or self.writer,
             self.health,
@@ -86,6 +86,15 @@ class Hub:
             publish=self.events,
             lost_after_ms=5 * MIN,
         )
+        await self.ctl.start()
+        return self.ctl
+
+    async def minutes_pass(self, n: int, *, region: str = "eu") -> None:
+        """``n`` minutes, each with its relay alive and a tick."""
+        for _ in range(n):
+            self.clock.advance(MIN)
+            self.feed.relay_up(region, self.clock.now_ms())
+            await self.ctl.tick()
 
     async def enroll(
         self,
@@ -171,10 +180,13 @@ async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
         await store.aclose()
 
 
-async def fleet(hub: Hub, n: int, **kwargs: Any) -> list[str]:
+async def fleet(hub: Hub, n: int, *, online: bool = False, **kwargs: Any) -> list[str]:
+    """Enroll ``n`` devices (in "eu" unless told); ``online``: seen by the health feed."""
     ids = [f"gw-{i:02d}" for i in range(n)]
     for device_id in ids:
-        await hub.enroll(device_id, **kwargs)
+        device = await hub.enroll(device_id, **kwargs)
+        if online:
+            hub.feed.device(device.region, device_id, True, hub.clock.now_ms())
     return ids
 
 
@@ -385,18 +397,13 @@ async def _lose(hub: Hub, device: str, *, region: str = "eu") -> None:
     """Take ``device`` offline, then let lost_after pass with its relay alive."""
     hub.feed.device(region, device, False, hub.clock.now_ms())
     await hub.ctl.presence_changed(device, "offline", hub.clock.now_ms())
-    for _ in range(6):
-        hub.clock.advance(MIN)
-        hub.feed.relay_up(region, hub.clock.now_ms())
-        await hub.ctl.tick()
+    await hub.minutes_pass(6, region=region)
 
 
 async def test_replicas_move_off_a_lost_device_and_one_copy_survives_its_return(
     hub: Hub,
 ) -> None:
-    devices = await fleet(hub, 4)
-    for device in devices:
-        hub.feed.device("eu", device, True, hub.clock.now_ms())
+    await fleet(hub, 4, online=True)
     await hub.apply(manifest(replicas=2))
     await hub.report_desired("web")
     running = hub.writer.devices_running("web")
@@ -432,18 +439,12 @@ async def test_replicas_move_off_a_lost_device_and_one_copy_survives_its_return(
     state = hub.ctl.state("web")
     assert state is not None
     assert state.displaced == []
-    # More ticks change nothing.
-    for _ in range(3):
-        hub.clock.advance(MIN)
-        hub.feed.relay_up("eu", hub.clock.now_ms())
-        await hub.ctl.tick()
+    await hub.minutes_pass(3)  # more ticks change nothing
     assert hub.writer.devices_running("web") == sorted(after)
 
 
 async def test_a_short_outage_does_not_move_replicas(hub: Hub) -> None:
-    devices = await fleet(hub, 3)
-    for device in devices:
-        hub.feed.device("eu", device, True, hub.clock.now_ms())
+    await fleet(hub, 3, online=True)
     await hub.apply(manifest(replicas=1))
     (holder,) = hub.writer.devices_running("web")
     hub.feed.device("eu", holder, False, hub.clock.now_ms())
@@ -454,9 +455,7 @@ async def test_a_short_outage_does_not_move_replicas(hub: Hub) -> None:
 
 
 async def test_replicas_in_an_unreachable_region_are_not_moved(hub: Hub) -> None:
-    devices = await fleet(hub, 3)
-    for device in devices:
-        hub.feed.device("eu", device, True, hub.clock.now_ms())
+    await fleet(hub, 3, online=True)
     await hub.apply(manifest(replicas=1))
     (holder,) = hub.writer.devices_running("web")
     hub.feed.device("eu", holder, False, hub.clock.now_ms())
@@ -466,18 +465,14 @@ async def test_replicas_in_an_unreachable_region_are_not_moved(hub: Hub) -> None
 
 
 async def test_each_deployments_are_not_moved(hub: Hub) -> None:
-    devices = await fleet(hub, 2)
-    for device in devices:
-        hub.feed.device("eu", device, True, hub.clock.now_ms())
+    devices = await fleet(hub, 2, online=True)
     await hub.apply(manifest())
     await _lose(hub, devices[0])
     assert hub.writer.devices_running("web") == devices
 
 
 async def test_replicas_rebalance_mid_rollout_keeps_the_wave_going(hub: Hub) -> None:
-    devices = await fleet(hub, 4)
-    for device in devices:
-        hub.feed.device("eu", device, True, hub.clock.now_ms())
+    await fleet(hub, 4, online=True)
     await hub.apply(manifest(replicas=2, waves=[{"count": 1}, {"percent": 100}], deadline_s=3600))
     (first,) = hub.writer.devices_running("web")
     await _lose(hub, first)
@@ -496,9 +491,7 @@ async def test_a_new_controller_on_the_same_store_resumes_rollouts(hub: Hub) -> 
     devices = await fleet(hub, 3)
     await hub.apply(manifest(waves=[{"count": 1}, {"percent": 100}]))
     (first,) = hub.writer.devices_running("web")
-    restarted = hub.controller()
-    await restarted.start()
-    hub.ctl = restarted
+    await hub.restart()
     await hub.report(first, "web", "1")
     assert hub.writer.devices_running("web") == devices
     await hub.report_desired("web")
@@ -522,9 +515,7 @@ async def test_reports_saved_lazily_are_recovered_from_device_scopes(hub: Hub) -
     scope.set("reported/web", status, ts=1, origin=first)
     await hub.store.save_scopes({f"device/{first}": packb(scope.to_wire())})
     await hub.store.save_scopes({"device/gw-99": b"not msgpack"})
-    restarted = hub.controller()
-    await restarted.start()
-    hub.ctl = restarted
+    await hub.restart()
     assert (await hub.rollout("web")).outcome(first) == "succeeded"
     assert len(hub.writer.devices_running("web")) == 2
 
@@ -551,8 +542,7 @@ async def test_writes_interrupted_by_a_crash_are_redone_at_start(hub: Hub) -> No
     state = (await hub.store.get_rollout("web")).state
     assert [devices[1], "1"] in state["controller"]["outbox"]
     fresh = InMemoryDesiredWriter()
-    restarted = hub.controller(fresh)
-    await restarted.start()
+    await hub.restart(fresh)
     assert fresh.version(devices[1], "web") == "1"
     assert [w.device_id for w in fresh.writes].count(devices[1]) == 1
     assert (await hub.store.get_rollout("web")).state["controller"]["outbox"] == []
@@ -563,8 +553,7 @@ async def test_a_corrupt_persisted_rollout_is_skipped_at_start(hub: Hub) -> None
     await hub.apply(manifest())
     record = await hub.store.get_rollout("web")
     await hub.store.save_rollout(dataclasses.replace(record, state={"v": 99}))
-    restarted = hub.controller()
-    await restarted.start()
+    restarted = await hub.restart()
     assert restarted.stats.restore_errors == 1
     assert restarted.deployments() == []
 
@@ -679,11 +668,9 @@ async def test_delete_removes_the_workload_everywhere(hub: Hub) -> None:
         await hub.ctl.pause("web", "bob")
     # Reports of the deleted workload are ignored; a restart does not revive it.
     await hub.report(devices[0], "web", "1")
-    restarted = hub.controller()
-    await restarted.start()
+    restarted = await hub.restart()
     assert restarted.deployments() == []
     # Applying again starts from scratch.
-    hub.ctl = restarted
     rollout = await hub.apply(manifest(replicas=2))
     assert rollout.previous_version is None
     assert len(hub.writer.devices_running("web")) == 2
@@ -746,16 +733,12 @@ async def test_tick_skips_a_deployment_busy_writing(hub: Hub) -> None:
 
 
 async def test_a_restart_between_the_move_and_the_return_keeps_one_copy(hub: Hub) -> None:
-    devices = await fleet(hub, 3)
-    for device in devices:
-        hub.feed.device("eu", device, True, hub.clock.now_ms())
+    await fleet(hub, 3, online=True)
     await hub.apply(manifest(replicas=1))
     (lost,) = hub.writer.devices_running("web")
     await _lose(hub, lost)
     (replacement,) = hub.writer.devices_running("web")
-    restarted = hub.controller()
-    await restarted.start()
-    hub.ctl = restarted
+    restarted = await hub.restart()
     await hub.report(lost, "web", "1")  # back, still running its old copy
     assert hub.writer.devices_running("web") == [replacement]
     assert hub.writer.writes_to(lost)[-1].spec is None
@@ -769,9 +752,7 @@ async def test_a_restart_between_the_move_and_the_return_keeps_one_copy(hub: Hub
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_random_losses_and_returns_never_duplicate_replicas(hub: Hub, seed: int) -> None:
     rng = random.Random(seed)
-    devices = await fleet(hub, 6)
-    for device in devices:
-        hub.feed.device("eu", device, True, hub.clock.now_ms())
+    devices = await fleet(hub, 6, online=True)
     await hub.apply(manifest(replicas=3))
     await hub.report_desired("web")
     offline: set[str] = set()
@@ -789,10 +770,7 @@ async def test_random_losses_and_returns_never_duplicate_replicas(hub: Hub, seed
             offline.add(device)
             hub.feed.device("eu", device, False, now)
             await hub.ctl.presence_changed(device, "offline", now)
-        for _ in range(6):
-            hub.clock.advance(MIN)
-            hub.feed.relay_up("eu", hub.clock.now_ms())
-            await hub.ctl.tick()
+        await hub.minutes_pass(6)
         running = hub.writer.devices_running("web")
         ever_ran.update(running)
         assert len(running) == 3, running

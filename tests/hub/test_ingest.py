@@ -23,23 +23,15 @@ from regional_relay.presence import PresenceTracker
 from sync.dots import Dot, VersionVector
 from sync.envelope import decode_envelope, encode_envelope, packb
 from sync.hlc import HybridLogicalClock, pack_ts
-from sync.keys import KeyRing, Signer
+from sync.keys import Signer
 from sync.protocol import ACK, DELTAS, EVENTS, SNAPSHOT
-from sync.relaying import BatchItem, decode_batch_ack, encode_batch
+from sync.relaying import decode_batch_ack
 from sync.replica import Replica
 from sync.testing import ManualClock
+from tests.hub.relay_batches import REGION, RELAY, relay_batch, ring
 
-RELAY = "relay-1"
-REGION = "north"
 DEVICES = ("gw-1", "gw-2")
 NOW = 1_700_000_000_000
-
-
-def ring(*signers: Signer) -> KeyRing:
-    keys = KeyRing()
-    for s in signers:
-        keys.add(s.public_key_bytes, s.key_id)
-    return keys
 
 
 def ts(i: int) -> int:
@@ -91,14 +83,7 @@ class World:
         self, items: list[tuple[int, str, str, bytes]], signer: Signer | None = None
     ) -> bytes:
         self._batch_seq += 1
-        return encode_batch(
-            signer or self.relay,
-            src=RELAY,
-            seq=self._batch_seq,
-            ts=1,
-            epoch=1,
-            items=[BatchItem(i, d, k, p) for i, d, k, p in items],
-        )
+        return relay_batch(signer or self.relay, self._batch_seq, items)
 
     def ingest(self, data: bytes) -> IngestResult:
         return self.ingestor.ingest(data, NOW)

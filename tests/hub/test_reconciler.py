@@ -23,22 +23,15 @@ from sync.envelope import decode_envelope, encode_envelope, packb
 from sync.hlc import pack_ts
 from sync.keys import KeyRing, Signer
 from sync.protocol import DELTAS, EVENTS
-from sync.relaying import BatchItem, decode_batch_ack, encode_batch
+from sync.relaying import decode_batch_ack, encode_batch
 from sync.topics import hub_topic
 from tests.fixtures_mqtt import MosquittoBroker
 from tests.helpers import wait_until
+from tests.hub.relay_batches import REGION, RELAY, relay_batch, ring
 
 pytestmark = pytest.mark.integration
 
-RELAY = "relay-1"
-REGION = "north"
 DEVICE = "gw-1"
-
-
-def ring(signer: Signer) -> KeyRing:
-    keys = KeyRing()
-    keys.add(signer.public_key_bytes, signer.key_id)
-    return keys
 
 
 class Observer:
@@ -90,14 +83,7 @@ class FakeRelay:
 
     def batch(self, items: list[tuple[int, str, bytes]], *, signer: Signer | None = None) -> bytes:
         self.seq += 1
-        return encode_batch(
-            signer or self.key,
-            src=RELAY,
-            seq=self.seq,
-            ts=1,
-            epoch=1,
-            items=[BatchItem(i, DEVICE, kind, p) for i, kind, p in items],
-        )
+        return relay_batch(signer or self.key, self.seq, [(i, DEVICE, k, p) for i, k, p in items])
 
     def events(self, start: int, n: int) -> bytes:
         items = [["test", 1000 + s, packb({"i": s})] for s in range(start, start + n)]

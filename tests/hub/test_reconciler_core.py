@@ -23,21 +23,14 @@ from regional_relay.registry import DeviceRegistry, registry_scope
 from sync._exceptions import SignatureError
 from sync.envelope import decode_envelope, encode_envelope, packb
 from sync.hlc import pack_ts
-from sync.keys import KeyRing, Signer
+from sync.keys import Signer
 from sync.protocol import DELTAS, EVENTS
-from sync.relaying import BatchItem, decode_batch_ack, encode_batch
+from sync.relaying import decode_batch_ack
 from sync.signed import EntryVerifier, unwrap
 from sync.testing import ManualClock
+from tests.hub.relay_batches import REGION, RELAY, relay_batch, ring
 
-RELAY = "relay-1"
-REGION = "north"
 NOW = 1_700_000_000_000
-
-
-def ring(signer: Signer) -> KeyRing:
-    keys = KeyRing()
-    keys.add(signer.public_key_bytes, signer.key_id)
-    return keys
 
 
 class World:
@@ -77,14 +70,7 @@ class World:
         self, items: list[tuple[int, str, str, bytes]], signer: Signer | None = None
     ) -> bytes:
         self.seq += 1
-        return encode_batch(
-            signer or self.relay,
-            src=RELAY,
-            seq=self.seq,
-            ts=1,
-            epoch=1,
-            items=[BatchItem(i, d, k, p) for i, d, k, p in items],
-        )
+        return relay_batch(signer or self.relay, self.seq, items)
 
     def presence(self, online: dict[str, bool]) -> bytes:
         report = PresenceReport(

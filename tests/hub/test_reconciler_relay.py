@@ -3,30 +3,22 @@ shipped relay configuration, a real SQLite store)."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import sys
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cloud_hub._reconciler_core import scope_from_bytes
-from cloud_hub._sqlite_store import SQLiteStore, open_sqlite_store
-from cloud_hub.reconciler import BrokerAddress, Reconciler, ReconcilerSettings
-from cloud_hub.store import DeviceRecord
+from cloud_hub._sqlite_store import SQLiteStore
 from edge_agent.agent import Agent
 from regional_relay.relay import Relay
-from sync.keys import KeyRing
 from sync.models import WorkloadSpec
 from tests.helpers import wait_until, wait_until_async
-from tests.relay.relay_harness import REGION, Region
+from tests.relay.relay_harness import SLEEPER, Region, hub_store, phase, reconciler
 
 pytestmark = pytest.mark.integration
 
-SLEEPER = (sys.executable, "-c", "import time; time.sleep(3600)")
 SPEC = WorkloadSpec(name="web", driver="process", command=SLEEPER).model_dump(mode="json")
 
 
@@ -42,49 +34,6 @@ class Observer:
 
     async def presence_changed(self, device_id: str, state: str, now_ms: int) -> None:
         self.presence.append((device_id, state))
-
-
-def record(region: Region, device: str) -> DeviceRecord:
-    key = region.device_keys[device].public_key_bytes
-    return DeviceRecord(
-        id=device,
-        region=REGION,
-        profile=region.profile.name,
-        public_key=base64.b64encode(key).decode(),
-        arch="x86_64",
-    )
-
-
-@asynccontextmanager
-async def region_up(region: Region, enrolled: list[str]) -> AsyncIterator[SQLiteStore]:
-    """Both brokers running and a hub store with ``enrolled`` devices."""
-    region.region_broker.start()
-    region.hub_broker.start()
-    try:
-        store = await asyncio.to_thread(open_sqlite_store, region.root / "hub.db")
-        async with store:
-            await store.add_devices([record(region, d) for d in enrolled])
-            yield store
-    finally:
-        region.region_broker.stop()
-        region.hub_broker.stop()
-
-
-def hub(region: Region, store: SQLiteStore, observer: Observer | None = None) -> Reconciler:
-    relay_keys = KeyRing()
-    relay_keys.add(region.relay_key.public_key_bytes)
-    return Reconciler(
-        store,
-        region.hub,
-        BrokerAddress("127.0.0.1", region.hub_broker.port),
-        {region.relay_config.relay_id: (REGION, relay_keys)},
-        observer=observer,
-        settings=ReconcilerSettings(backoff_initial_s=0.05, backoff_max_s=0.5, tick_s=0.1),
-    )
-
-
-def phase(agent: Agent, name: str) -> str:
-    return getattr(agent.supervisor.record(name), "phase", "")
 
 
 async def produce(agent: Agent, n: int) -> int:
@@ -104,8 +53,8 @@ async def test_desired_reaches_a_relay_offline_at_write_time_and_data_lands_once
 ) -> None:
     region = Region(tmp_path, ["gw-1"])
     observer = Observer()
-    async with region_up(region, ["gw-1"]) as store:
-        async with hub(region, store, observer) as rec:
+    async with hub_store(region, ["gw-1"]) as store:
+        async with reconciler(region, store, observer) as rec:
             await wait_until(rec.connected.is_set)
             # No relay yet: the write is stored, and reaches the relay later.
             await rec.set_desired("gw-1", "web", SPEC)
@@ -128,7 +77,7 @@ async def test_desired_reaches_a_relay_offline_at_write_time_and_data_lands_once
                 await rec.aclose()
                 last = await produce(agent, 10)
                 await wait_until(lambda: relay.outbox.stats().depth > 0)
-                async with hub(region, store) as again:
+                async with reconciler(region, store) as again:
                     await wait_until_async(landed, within=30)
                     await wait_until(lambda: relay.outbox.stats().depth == 0, within=30)
                     assert again.stats()["rejected"] == {}

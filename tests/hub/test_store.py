@@ -244,8 +244,9 @@ async def test_label_filter_over_10k_devices_is_fast(store: SQLiteStore) -> None
     assert max(timings) < 0.25, timings
 
 
-async def test_reads_are_not_stuck_behind_a_write(store: SQLiteStore) -> None:
-    await store.add_devices([_device(1)])
+async def hold_the_writer(store: SQLiteStore) -> tuple[asyncio.Task[DeviceRecord], threading.Event]:
+    """Start a write that keeps the writer thread inside its transaction until the
+    returned event is set; return (the write, the event) once the thread is in there."""
     await store.create_enroll_token(token("slow"))
     entered, release = threading.Event(), threading.Event()
 
@@ -257,6 +258,16 @@ async def test_reads_are_not_stuck_behind_a_write(store: SQLiteStore) -> None:
     write = asyncio.create_task(store.redeem_enroll_token("slow", SECRET, T0, slow_make))
     try:
         assert await asyncio.to_thread(entered.wait, 10)
+    except BaseException:
+        release.set()
+        raise
+    return write, release
+
+
+async def test_reads_are_not_stuck_behind_a_write(store: SQLiteStore) -> None:
+    await store.add_devices([_device(1)])
+    write, release = await hold_the_writer(store)
+    try:
         # the writer thread is busy inside a transaction; reads still answer
         async with asyncio.timeout(5):
             assert (await store.get_device("dev-00001")).id == "dev-00001"
@@ -308,19 +319,13 @@ async def test_conflicting_import(store: SQLiteStore) -> None:
 
 
 async def test_a_cancelled_queued_write_is_not_applied(store: SQLiteStore) -> None:
-    await store.create_enroll_token(token("slow"))
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_make(tok: EnrollTokenRecord) -> DeviceRecord:
-        entered.set()
-        release.wait(10)
-        return maker("dev-slow")(tok)
-
-    first = asyncio.create_task(store.redeem_enroll_token("slow", SECRET, T0, slow_make))
-    assert await asyncio.to_thread(entered.wait, 10)
+    first, release = await hold_the_writer(store)
     queued = asyncio.create_task(store.save_scopes({"s": b"x"}))
     await asyncio.sleep(0.01)
     queued.cancel()
+    # The executor's own future is cancelled by a callback on the loop's next
+    # turn: let it run before the writer thread is free to take the op.
+    await asyncio.sleep(0)
     release.set()
     await first
     with pytest.raises(asyncio.CancelledError):

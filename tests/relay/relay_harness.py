@@ -1,11 +1,15 @@
-"""A region for relay tests: real brokers, a relay, agents, and a hub-side sink."""
+"""A region for relay tests: real brokers, a relay, agents, and a hub side (a
+test sink, or the hub's reconciler on a real SQLite store); and
+:func:`collect_until`, for broker ACL tests."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import sys
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,10 @@ from typing import Any
 import aiomqtt
 import yaml
 
+from cloud_hub._sqlite_store import SQLiteStore, open_sqlite_store
 from cloud_hub.ingest import BatchIngestor, BatchRefusedError
+from cloud_hub.reconciler import BrokerAddress, FleetObserver, Reconciler, ReconcilerSettings
+from cloud_hub.store import DeviceRecord
 from edge_agent.agent import Agent, relay_peer_id
 from edge_agent.config import AgentConfig
 from edge_agent.identity import load_or_create_device_key
@@ -32,6 +39,7 @@ from tests.fixtures_mqtt import MosquittoBroker, relay_broker
 
 REGION = "north"
 RELAY_PASSWORD = "relay-secret"
+SLEEPER = (sys.executable, "-c", "import time; time.sleep(3600)")
 
 
 def b64(key: bytes) -> str:
@@ -256,3 +264,75 @@ async def running(coro: Any) -> Any:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def phase(agent: Agent, name: str) -> str:
+    """The supervisor phase of ``name`` on ``agent`` ("" if it has no record)."""
+    return getattr(agent.supervisor.record(name), "phase", "")
+
+
+@contextlib.asynccontextmanager
+async def brokers(region: Region) -> AsyncIterator[None]:
+    """The region's and the hub's brokers running."""
+    region.region_broker.start()
+    region.hub_broker.start()
+    try:
+        yield
+    finally:
+        region.region_broker.stop()
+        region.hub_broker.stop()
+
+
+def device_record(region: Region, device: str) -> DeviceRecord:
+    """The hub's record of ``device`` enrolled in the region."""
+    return DeviceRecord(
+        id=device,
+        region=REGION,
+        profile=region.profile.name,
+        public_key=b64(region.device_keys[device].public_key_bytes),
+        arch="x86_64",
+    )
+
+
+@contextlib.asynccontextmanager
+async def hub_store(region: Region, enrolled: list[str]) -> AsyncIterator[SQLiteStore]:
+    """Both brokers running and a hub store with ``enrolled`` devices."""
+    async with brokers(region):
+        store = await asyncio.to_thread(open_sqlite_store, region.root / "hub.db")
+        async with store:
+            await store.add_devices([device_record(region, d) for d in enrolled])
+            yield store
+
+
+def reconciler(
+    region: Region, store: SQLiteStore, observer: FleetObserver | None = None
+) -> Reconciler:
+    """The hub's reconciler for the region, with short test timings."""
+    return Reconciler(
+        store,
+        region.hub,
+        BrokerAddress("127.0.0.1", region.hub_broker.port),
+        {region.relay_config.relay_id: (REGION, _ring(region.relay_key))},
+        observer=observer,
+        settings=ReconcilerSettings(backoff_initial_s=0.05, backoff_max_s=0.5, tick_s=0.1),
+    )
+
+
+async def collect_until(
+    c: aiomqtt.Client, marker: bytes, *, within: float = 15.0
+) -> list[tuple[str, bytes]]:
+    """Every ``(topic, payload)`` that ``c`` receives up to and including ``marker``.
+
+    How "does not arrive" is shown without sleeping: after the forbidden
+    messages, a marker goes the same way on an allowed topic; Mosquitto delivers
+    one publisher's messages to a subscriber in order, so once the marker is in,
+    anything that was going to arrive has arrived.
+    """
+    seen: list[tuple[str, bytes]] = []
+    async with asyncio.timeout(within):
+        async for msg in c.messages:
+            payload = bytes(msg.payload) if isinstance(msg.payload, bytes | bytearray) else b""
+            seen.append((str(msg.topic), payload))
+            if payload == marker:
+                return seen
+    raise AssertionError("message stream ended")  # pragma: no cover

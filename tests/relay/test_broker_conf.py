@@ -12,7 +12,6 @@ that was going to arrive has arrived.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from sync.topics import device_topic
 from tests.fixtures_mqtt import MosquittoBroker, relay_broker
+from tests.relay.relay_harness import collect_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,18 +46,6 @@ async def client(broker: MosquittoBroker, user: str) -> AsyncIterator[aiomqtt.Cl
         "127.0.0.1", broker.port, username=user, password=USERS[user], identifier=user
     ) as c:
         yield c
-
-
-async def collect_until(c: aiomqtt.Client, marker: bytes) -> list[tuple[str, bytes]]:
-    """Every message ``c`` receives up to and including ``marker``."""
-    seen: list[tuple[str, bytes]] = []
-    async with asyncio.timeout(DEADLINE_S):
-        async for msg in c.messages:
-            payload = bytes(msg.payload) if isinstance(msg.payload, bytes | bytearray) else b""
-            seen.append((str(msg.topic), payload))
-            if payload == marker:
-                return seen
-    raise AssertionError("message stream ended")  # pragma: no cover
 
 
 def up(device: str) -> str:

@@ -9,8 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import aiomqtt
@@ -22,24 +21,15 @@ from sync.keys import Signer
 from sync.models import WorkloadSpec
 from sync.topics import device_topic
 from tests.helpers import wait_until, wait_until_async
-from tests.relay.relay_harness import REGION, HubSink, Region, running
-
-SLEEPER = (sys.executable, "-c", "import time; time.sleep(3600)")
-
-
-@asynccontextmanager
-async def brokers(region: Region) -> AsyncIterator[None]:
-    region.region_broker.start()
-    region.hub_broker.start()
-    try:
-        yield
-    finally:
-        region.region_broker.stop()
-        region.hub_broker.stop()
-
-
-def phase(agent: Agent, name: str) -> str:
-    return getattr(agent.supervisor.record(name), "phase", "")
+from tests.relay.relay_harness import (
+    REGION,
+    SLEEPER,
+    HubSink,
+    Region,
+    brokers,
+    phase,
+    running,
+)
 
 
 async def produce(agent: Agent, n_events: int, n_deltas: int) -> None:

@@ -8,74 +8,31 @@ forged registry entry changes nothing.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from cloud_hub._sqlite_store import SQLiteStore, open_sqlite_store
-from cloud_hub.reconciler import BrokerAddress, Reconciler, ReconcilerSettings
-from cloud_hub.store import DeviceRecord
-from edge_agent.agent import Agent
 from regional_relay.registry import DeviceRegistry, registry_key, registry_scope, registry_value
 from regional_relay.relay import Relay
 from sync.hlc import HybridLogicalClock, SystemClock
-from sync.keys import KeyRing, Signer
+from sync.keys import Signer
 from sync.models import WorkloadSpec
 from sync.replica import Replica
 from sync.signed import signed_write, unwrap
 from tests.helpers import wait_until, wait_until_async
-from tests.relay.relay_harness import REGION, Region
+from tests.relay.relay_harness import (
+    REGION,
+    SLEEPER,
+    Region,
+    device_record,
+    hub_store,
+    phase,
+    reconciler,
+)
 
 pytestmark = pytest.mark.integration
 
-SLEEPER = (sys.executable, "-c", "import time; time.sleep(3600)")
 SPEC = WorkloadSpec(name="web", driver="process", command=SLEEPER).model_dump(mode="json")
-
-
-def record(region: Region, device: str) -> DeviceRecord:
-    key = region.device_keys[device].public_key_bytes
-    return DeviceRecord(
-        id=device,
-        region=REGION,
-        profile=region.profile.name,
-        public_key=base64.b64encode(key).decode(),
-        arch="x86_64",
-    )
-
-
-@asynccontextmanager
-async def region_up(region: Region, enrolled: list[str]) -> AsyncIterator[SQLiteStore]:
-    region.region_broker.start()
-    region.hub_broker.start()
-    try:
-        store = await asyncio.to_thread(open_sqlite_store, region.root / "hub.db")
-        async with store:
-            await store.add_devices([record(region, d) for d in enrolled])
-            yield store
-    finally:
-        region.region_broker.stop()
-        region.hub_broker.stop()
-
-
-def hub(region: Region, store: SQLiteStore) -> Reconciler:
-    relay_keys = KeyRing()
-    relay_keys.add(region.relay_key.public_key_bytes)
-    return Reconciler(
-        store,
-        region.hub,
-        BrokerAddress("127.0.0.1", region.hub_broker.port),
-        {region.relay_config.relay_id: (REGION, relay_keys)},
-        settings=ReconcilerSettings(backoff_initial_s=0.05, backoff_max_s=0.5, tick_s=0.1),
-    )
-
-
-def phase(agent: Agent, name: str) -> str:
-    return getattr(agent.supervisor.record(name), "phase", "")
 
 
 async def test_a_device_enrolled_after_the_relay_started_is_served_without_restart(
@@ -84,8 +41,8 @@ async def test_a_device_enrolled_after_the_relay_started_is_served_without_resta
     # No static devices_file: the relay learns every device from the hub.
     region = Region(tmp_path, ["gw-1", "gw-2"], relay_overrides={"devices_file": None})
     async with (
-        region_up(region, ["gw-1"]) as store,
-        hub(region, store) as rec,
+        hub_store(region, ["gw-1"]) as store,
+        reconciler(region, store) as rec,
         Relay(region.relay_config) as relay,
     ):
         await wait_until(lambda: relay.registry.key("gw-1") is not None, within=15)
@@ -95,7 +52,7 @@ async def test_a_device_enrolled_after_the_relay_started_is_served_without_resta
             await wait_until(lambda: relay.counters.rejected["unknown_device"] > 0)
 
             # Enrollment: the store has it, the reconciler distributes it.
-            device = record(region, "gw-2")
+            device = device_record(region, "gw-2")
             await store.add_devices([device])
             await rec.add_device(device)
             await wait_until(lambda: relay.registry.key("gw-2") is not None, within=15)
@@ -142,8 +99,8 @@ def test_registry_entries_override_the_static_seed() -> None:
 async def test_a_registry_entry_not_signed_by_the_hub_is_refused(tmp_path: Path) -> None:
     region = Region(tmp_path, ["gw-1"], relay_overrides={"devices_file": None})
     async with (
-        region_up(region, ["gw-1"]) as store,
-        hub(region, store) as rec,
+        hub_store(region, ["gw-1"]) as store,
+        reconciler(region, store) as rec,
         Relay(region.relay_config) as relay,
     ):
         await wait_until(lambda: relay.registry.key("gw-1") is not None, within=15)
