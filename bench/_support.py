@@ -32,6 +32,7 @@ from typing import Any, Self
 
 import aiomqtt
 
+from edge_agent._runtime import PROCESS_ENVIRONMENT
 from edge_agent.agent import relay_peer_id
 from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.control import ControlError, request
@@ -74,6 +75,51 @@ def read_rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise BenchError(f"no VmRSS for pid {pid} (a zombie?)")
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySample:
+    """Memory of one process (not its children), in KiB, from ``/proc``.
+
+    Attributes:
+        rss_kb: ``VmRSS``: every resident page mapped, shared library pages
+            included in full (what ``ps`` and ``top`` show).
+        anon_kb: ``RssAnon``: the process's own heap, stacks and copied pages.
+        file_kb: ``RssFile``: resident pages of mapped files (interpreter,
+            extension modules, shared libraries), shared with other processes.
+        pss_kb: ``Pss`` from ``smaps_rollup``: shared pages divided by the
+            number of processes mapping them (0 where the kernel lacks it).
+        threads: ``Threads``.
+    """
+
+    rss_kb: int
+    anon_kb: int
+    file_kb: int
+    pss_kb: int
+    threads: int
+
+
+def read_memory(pid: int) -> MemorySample:
+    """A :class:`MemorySample` of ``pid``."""
+    status: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "Threads"):
+            status[key] = int(value.split()[0])
+    if "VmRSS" not in status:
+        raise BenchError(f"no VmRSS for pid {pid} (a zombie?)")
+    pss = 0
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    return MemorySample(
+        status["VmRSS"],
+        status.get("RssAnon", 0),
+        status.get("RssFile", 0),
+        pss,
+        status.get("Threads", 0),
+    )
 
 
 def _stop_process(proc: subprocess.Popen[bytes], grace_s: float) -> None:
@@ -181,7 +227,8 @@ async def prepare_agent(workdir: Path, broker_port: int, specs: list[WorkloadSpe
 
 
 class AgentProcess:
-    """``python -m novacron agent run --config FILE`` as a child process.
+    """``python -m novacron agent run --config FILE`` as a child process, with
+    the environment the systemd unit gives it (``novacron agent install``).
 
     A context manager: leaving the block stops the agent (SIGTERM, a grace
     period, SIGKILL) and then kills any workload process group still named
@@ -211,6 +258,8 @@ class AgentProcess:
                     str(self.setup.config_path),
                 ],
                 cwd=REPO,
+                # What the shipped systemd unit sets (Environment= lines), no more.
+                env={**os.environ, **PROCESS_ENVIRONMENT},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
@@ -241,6 +290,16 @@ class AgentProcess:
                     return
             time.sleep(0.2)
         raise BenchError(f"{count} workloads not running within {timeout} s: {phases}")
+
+    def wait_link(self, timeout: float) -> None:
+        """Block until the agent reports its upstream link connected."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ControlError):
+                if self.control("status")["link"].get("connected"):
+                    return
+            time.sleep(0.2)
+        raise BenchError(f"the agent's link was not up within {timeout} s")
 
     def _check_alive(self) -> None:
         assert self.proc is not None

@@ -21,7 +21,10 @@ Idle-agent figures (a real agent process, a private Mosquitto; both need
 ``mosquitto`` installed and report ``*_skipped`` without it):
 
 * ``idle_rss_mb`` — ``VmRSS`` of an idle agent running ten process workloads,
-  with ``rss_baseline_python_mb`` (a bare interpreter) and ``rss_ratio``;
+  started as the systemd unit starts it (same command, same ``Environment=``),
+  with its anonymous/file split, PSS and thread count (``idle_rss_anon_mb``,
+  ``idle_rss_file_mb``, ``idle_pss_mb``, ``idle_threads``),
+  ``rss_baseline_python_mb`` (a bare interpreter) and ``rss_ratio``;
 * ``idle_upstream_bytes_per_hour`` — what that agent publishes upstream per
   hour once synced with a hub peer, at the profile's default telemetry
   interval, measured over ``--idle-window`` seconds (60; 30 with ``--quick``).
@@ -156,12 +159,22 @@ SETTLE_S = 3.0
 def idle_rss_mb(cfg: BenchConfig) -> Figures:
     """Resident memory of an idle agent process with ten running workloads.
 
-    A real agent (``python -m novacron agent run``, process driver, enrolled,
-    its relay a private Mosquitto with no hub behind it) starts with
-    :data:`IDLE_WORKLOADS` ``sleep 3600`` workloads in its journal. Once all
-    run and :data:`SETTLE_S` have passed, ``VmRSS`` of the agent process alone
-    (not its children) is read from ``/proc``. The baseline is a bare
-    ``python -c 'input()'`` of the same interpreter, measured the same way.
+    A real agent (``python -m novacron agent run``, the systemd unit's command
+    and environment, see :class:`_support.AgentProcess`; process driver,
+    enrolled, its relay a private Mosquitto with no hub behind it, link up)
+    starts with :data:`IDLE_WORKLOADS` ``sleep 3600`` workloads in its journal.
+    Once all run and :data:`SETTLE_S` have passed, ``VmRSS`` of the agent
+    process alone (not its children) is read from ``/proc`` until three samples
+    0.2 s apart agree. The baseline is a bare ``python -c 'input()'`` of the same
+    interpreter, measured the same way.
+
+    ``idle_rss_mb`` is ``VmRSS``: shared library pages count in full, as in
+    ``ps``/``top`` and the figures the issue compares with. Reported beside it,
+    from the same moment: ``idle_rss_anon_mb`` (the agent's own heap and
+    stacks), ``idle_rss_file_mb`` (mapped interpreter, extension modules and
+    libraries), ``idle_pss_mb`` (shared pages split between the processes that
+    map them; the bench's own interpreter maps the same libraries, so this is
+    lower than on a gateway where the agent runs alone) and ``idle_threads``.
     """
     if not _support.mosquitto_available():
         return {"idle_rss_skipped": "mosquitto is not installed"}
@@ -172,12 +185,18 @@ def idle_rss_mb(cfg: BenchConfig) -> Figures:
         )
         with _support.AgentProcess(setup, workdir / "agent.log") as agent:
             agent.wait_running(IDLE_WORKLOADS, timeout=60)
+            agent.wait_link(timeout=30)
             time.sleep(SETTLE_S)
             agent_kb = _support.stable_rss_kb(agent.pid)
+            sample = _support.read_memory(agent.pid)
         with _support.bare_python() as pid:
             base_kb = _support.stable_rss_kb(pid)
     return {
         "idle_rss_mb": round(agent_kb / 1024, 1),
+        "idle_rss_anon_mb": round(sample.anon_kb / 1024, 1),
+        "idle_rss_file_mb": round(sample.file_kb / 1024, 1),
+        "idle_pss_mb": round(sample.pss_kb / 1024, 1),
+        "idle_threads": sample.threads,
         "idle_rss_workloads": IDLE_WORKLOADS,
         "rss_baseline_python_mb": round(base_kb / 1024, 1),
         "rss_ratio": round(agent_kb / base_kb, 2),

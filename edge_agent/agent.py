@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_agent._exceptions import AgentError, NotEnrolledError
+from edge_agent._runtime import child_watcher, io_executor
 from edge_agent._service import Service
 from edge_agent.config import AgentConfig
 from edge_agent.control import ControlServer
@@ -348,17 +349,24 @@ async def run_agent(
     profile_dirs: Sequence[Path] = (),
     shutdown: asyncio.Event | None = None,
 ) -> int:
-    """Run an agent until SIGTERM/SIGINT (or ``shutdown`` is set); return an exit code."""
+    """Run an agent until SIGTERM/SIGINT (or ``shutdown`` is set); return an exit code.
+
+    The loop gets the agent's thread settings (see :mod:`edge_agent._runtime`):
+    subprocess exits watched through pidfds rather than a thread per child, and
+    a default executor sized to the enabled drivers.
+    """
     profile = load_profile(config.profile, extra_dirs=tuple(profile_dirs))
     stop = shutdown or asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(io_executor(config.drivers))
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    async with Agent(config, profile):
-        log.info("agent %s running (pid %s)", config.device_id, os.getpid())
-        await stop.wait()
-        log.info("agent %s stopping", config.device_id)
+    with child_watcher(loop):
+        async with Agent(config, profile):
+            log.info("agent %s running (pid %s)", config.device_id, os.getpid())
+            await stop.wait()
+            log.info("agent %s stopping", config.device_id)
     return 0
 
 

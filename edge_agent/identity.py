@@ -24,11 +24,9 @@ import os
 from pathlib import Path
 from typing import Final
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge_agent._exceptions import EnrollmentCorruptError, NotEnrolledError
-from sync._exceptions import ConfigError
-from sync.keys import Signer, generate_private_key, save_private_key
+from sync._exceptions import ConfigError, SignatureError
+from sync.keys import KeyRing, Signer, generate_private_key, save_private_key
 
 __all__ = [
     "DEVICE_KEY_NAME",
@@ -97,8 +95,8 @@ def decode_public_key(value: str) -> bytes:
     if len(raw) != _RAW_KEY_LEN:
         raise ValueError(f"must be the base64 of {_RAW_KEY_LEN} raw bytes, got {len(raw)}")
     try:
-        Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError as exc:
+        KeyRing().add(raw)  # the same check the agent's key rings make
+    except SignatureError as exc:
         raise ValueError("not a valid Ed25519 public key") from exc
     return raw
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent._exceptions import AgentError
+from edge_agent._runtime import PROCESS_ENVIRONMENT
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,10 @@ def render_unit(*, python: str, config_path: Path, data_dir: Path) -> str:
 
     The agent supervises containers and VMs through their API sockets, so it
     keeps root but gets a read-only view of the system except its data dir.
+    Its environment is :data:`edge_agent._runtime.PROCESS_ENVIRONMENT` (settings
+    the C library reads at process start).
     """
+    environment = "".join(f"Environment={k}={v}\n" for k, v in PROCESS_ENVIRONMENT.items())
     return f"""\
 [Unit]
 Description=NovaCron Edge agent (workload supervisor and sync)
@@ -70,7 +74,8 @@ After=network-online.target podman.socket libvirtd.service
 [Service]
 Type=simple
 ExecStart={python} -m novacron agent run --config {config_path}
-Restart=always
+# One malloc arena for the agent's few threads: see edge_agent/_runtime.py.
+{environment}Restart=always
 RestartSec=2
 # Give workloads and the journal time to flush on stop.
 TimeoutStopSec=30

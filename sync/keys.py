@@ -4,11 +4,12 @@ Every device makes a key at install; the hub and relays have their own. Private
 keys are stored as PKCS#8 PEM (or the 32 raw seed bytes) in a file of mode 0600,
 written atomically so a crash never leaves a half-written key behind.
 
-Only ``cryptography``'s Ed25519 module is imported up front. Its ``serialization``
-package pulls in the RSA, EC, DSA, DH and SSH modules (~1.5 MB of RSS), so it is
-imported only to write a PEM key or to read a key file that is not in the exact
-layout :func:`save_private_key` writes; the usual start of a device reads its own
-key without it.
+Signing and verification go through :mod:`sync._ed25519`: PyNaCl (libsodium)
+where installed, else ``cryptography``. ``cryptography`` itself is imported
+only for what this module does not do itself: reading a key file that is not
+in the exact layout :func:`save_private_key` writes (or 32 raw bytes).
+Functions taking a private key accept either backend's keys, and
+``cryptography``'s ``Ed25519PrivateKey``.
 """
 
 from __future__ import annotations
@@ -24,21 +25,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, Literal, Self
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-
+from sync._ed25519 import BACKEND, PrivateKey, PublicKey
 from sync._exceptions import ConfigError, SignatureError
 
 __all__ = [
     "KEY_ID_LEN",
     "KeyRing",
+    "PrivateKey",
     "Signer",
     "generate_private_key",
     "key_id",
     "load_private_key",
+    "private_key_from_seed",
     "save_private_key",
 ]
 
@@ -59,9 +57,18 @@ _PEM_TAIL: Final = b"\n-----END PRIVATE KEY-----"
 _PEM_BODY_LEN: Final = 64
 
 
-def generate_private_key() -> Ed25519PrivateKey:
+def generate_private_key() -> PrivateKey:
     """Make a fresh Ed25519 private key from the OS random source."""
-    return Ed25519PrivateKey.generate()
+    return BACKEND.private_key(os.urandom(_RAW_KEY_LEN))
+
+
+def private_key_from_seed(seed: bytes) -> PrivateKey:
+    """The Ed25519 private key of a 32-byte seed.
+
+    Raises:
+        ValueError: ``seed`` is not 32 bytes.
+    """
+    return BACKEND.private_key(seed)
 
 
 def key_id(public_key_bytes: bytes) -> str:
@@ -85,12 +92,18 @@ def key_id(public_key_bytes: bytes) -> str:
 _derive_key_id = key_id
 
 
-def _public_bytes(private_key: Ed25519PrivateKey) -> bytes:
+def _public_bytes(private_key: PrivateKey) -> bytes:
     return private_key.public_key().public_bytes_raw()
 
 
+def _pem(seed: bytes) -> bytes:
+    """Unencrypted PKCS#8 PEM of a seed, byte for byte as ``cryptography`` writes it."""
+    der = _PKCS8_ED25519_PREFIX + seed
+    return _PEM_HEAD + base64.b64encode(der) + _PEM_TAIL + b"\n"
+
+
 def save_private_key(
-    private_key: Ed25519PrivateKey,
+    private_key: PrivateKey,
     path: str | os.PathLike[str],
     *,
     fmt: Literal["pem", "raw"] = "pem",
@@ -109,16 +122,8 @@ def save_private_key(
     Raises:
         ConfigError: the file cannot be written.
     """
-    if fmt == "pem":
-        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see module doc
-
-        data = private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    else:
-        data = private_key.private_bytes_raw()
+    seed = private_key.private_bytes_raw()
+    data = _pem(seed) if fmt == "pem" else seed
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
@@ -142,7 +147,7 @@ def save_private_key(
         raise ConfigError(f"cannot write private key: {exc}", source=str(target)) from exc
 
 
-def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
     """Read a private key written by :func:`save_private_key`.
 
     PEM (PKCS#8 or OpenSSH-compatible PEM that ``cryptography`` loads) and the
@@ -167,11 +172,20 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         logger.warning("private key file %s is accessible by group/others", source)
     if len(data) == _RAW_KEY_LEN:
-        return Ed25519PrivateKey.from_private_bytes(data)
+        return BACKEND.private_key(data)
     seed = _pkcs8_seed(data)
     if seed is not None:
-        return Ed25519PrivateKey.from_private_bytes(seed)
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see module doc
+        return BACKEND.private_key(seed)
+    return BACKEND.private_key(_seed_from_other_pem(data, source))
+
+
+def _seed_from_other_pem(data: bytes, source: str) -> bytes:
+    """The seed of a key file in another layout, read with ``cryptography``."""
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415 - see module doc
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PrivateKey,
+    )
 
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -179,7 +193,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         raise ConfigError("not a PEM or raw Ed25519 private key", source=source) from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"expected an Ed25519 key, found {type(key).__name__}", source=source)
-    return key
+    return key.private_bytes_raw()
 
 
 def _pkcs8_seed(data: bytes) -> bytes | None:
@@ -225,7 +239,7 @@ class Signer:
 
     __slots__ = ("_private_key", "key_id", "public_key_bytes")
 
-    def __init__(self, private_key: Ed25519PrivateKey, key_id: str | None = None) -> None:
+    def __init__(self, private_key: PrivateKey, key_id: str | None = None) -> None:
         """Wrap ``private_key``.
 
         Args:
@@ -253,7 +267,7 @@ class Signer:
         return cls(load_private_key(path), key_id)
 
     @property
-    def private_key(self) -> Ed25519PrivateKey:
+    def private_key(self) -> PrivateKey:
         """The wrapped private key (for :func:`save_private_key`)."""
         return self._private_key
 
@@ -276,7 +290,7 @@ class KeyRing:
 
     def __init__(self) -> None:
         """Create an empty ring."""
-        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._keys: dict[str, PublicKey] = {}
         self._raw: dict[str, bytes] = {}
 
     def add(self, public_key_bytes: bytes, key_id: str | None = None) -> str:
@@ -302,7 +316,7 @@ class KeyRing:
                 raise SignatureError(f"key id {kid!r} is already bound to another key")
             return kid
         try:
-            key = Ed25519PublicKey.from_public_bytes(public_key_bytes)
+            key = BACKEND.public_key(public_key_bytes)
         except (ValueError, TypeError) as exc:
             raise SignatureError("invalid Ed25519 public key") from exc
         self._keys[kid] = key
@@ -334,10 +348,8 @@ class KeyRing:
             raise SignatureError(f"unknown key id {kid!r}")
         if len(sig) != _SIG_LEN:
             raise SignatureError(f"signature must be {_SIG_LEN} bytes, got {len(sig)}")
-        try:
-            key.verify(sig, data)
-        except InvalidSignature as exc:
-            raise SignatureError(f"invalid signature for key id {kid!r}") from exc
+        if not key.is_valid(sig, data):
+            raise SignatureError(f"invalid signature for key id {kid!r}")
 
     def __contains__(self, kid: object) -> bool:
         return kid in self._keys

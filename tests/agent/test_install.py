@@ -21,6 +21,7 @@ def test_install_writes_unit_config_and_data_dir(tmp_path: Path) -> None:
     assert "Restart=always" in unit
     assert "NoNewPrivileges=yes" in unit
     assert f"--config {layout.config_path}" in unit
+    assert "Environment=MALLOC_ARENA_MAX=2" in unit  # glibc reads it at process start
     assert stat.S_IMODE(layout.data_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(layout.config_path.stat().st_mode) == 0o600
     config = load_agent_config(layout.config_path)

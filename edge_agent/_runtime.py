@@ -1,0 +1,137 @@
+"""Process-level settings of ``novacron agent run`` that keep a gateway agent small.
+
+An idle agent's memory is mostly imported code and native libraries (see the
+``idle_rss_mb`` figure of ``bench/agent_bench.py``); what is left to tune is the
+threads and what they cost:
+
+* **malloc arenas.** glibc gives every thread that allocates its own arena (up
+  to 8 per core), each keeping freed memory of its own. The agent's threads (the
+  journal writer and reader, a few I/O workers) need no parallel allocation, so
+  the systemd unit sets ``MALLOC_ARENA_MAX`` (:data:`PROCESS_ENVIRONMENT`), which
+  glibc reads at process start. When the agent is started without it (by hand),
+  :func:`limit_malloc_arenas` sets the same limit with ``mallopt`` before the
+  first thread starts (that loads ``ctypes``, about 0.3 MB, which the unit's
+  environment variable avoids).
+* **child watcher.** On Python 3.11 asyncio waits for each subprocess in a thread
+  of its own (``ThreadedChildWatcher``): ten process workloads, ten threads.
+  :func:`child_watcher` uses a pidfd on the event loop instead (Linux 5.3+),
+  which is what Python 3.12+ does by default.
+* **I/O threads.** ``asyncio.to_thread`` uses the loop's default executor, sized
+  ``min(32, cores + 4)``; :func:`io_executor` sizes it to what the drivers need.
+
+None of this changes behaviour; each falls back to the interpreter's default
+where the platform lacks the feature (non-glibc libc, no pidfd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+MALLOC_ARENA_MAX: Final = 2
+"""glibc malloc arenas for the whole agent process (the main one plus one shared
+by its threads)."""
+
+PROCESS_ENVIRONMENT: Final[dict[str, str]] = {"MALLOC_ARENA_MAX": str(MALLOC_ARENA_MAX)}
+"""Environment the systemd unit gives ``novacron agent run``; read by the C
+library at process start, so it cannot be set from Python."""
+
+_M_ARENA_MAX: Final = -8  # <malloc.h>
+
+IO_THREADS_BASE: Final = 2
+"""Default-executor threads for the process driver, metrics and key files."""
+
+#: Extra default-executor threads per driver whose blocking calls run there:
+#: each driver's own concurrency limit (``BlockingRunner``), so a busy Podman
+#: or libvirt runtime never starves the process driver's log pumps.
+IO_THREADS_PER_DRIVER: Final[dict[str, int]] = {"podman": 4, "libvirt": 2}
+
+
+def limit_malloc_arenas(max_arenas: int = MALLOC_ARENA_MAX) -> bool:
+    """Cap glibc's malloc arenas unless the environment already chose a cap.
+
+    Call it before the process starts any thread: arenas already made stay.
+
+    Args:
+        max_arenas: the cap.
+
+    Returns:
+        Whether the cap was set here (False: set by the environment, not glibc,
+        or not Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    import ctypes  # noqa: PLC0415 - only when the unit's environment is missing
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has no such symbol)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, max_arenas))
+
+
+def _pidfd_works() -> bool:
+    if not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        fd = os.pidfd_open(os.getpid())
+    except OSError:  # ENOSYS on an old kernel, EPERM under some seccomp filters
+        return False
+    os.close(fd)
+    return True
+
+
+@contextlib.contextmanager
+def child_watcher(loop: asyncio.AbstractEventLoop) -> Iterator[bool]:
+    """Wait for subprocesses with pidfds on ``loop`` for the block (Python 3.11).
+
+    Python 3.12+ does so already and deprecates child watchers: there, and where
+    pidfds do not work, the block runs with the interpreter's default.
+
+    Yields:
+        Whether the pidfd watcher is in use.
+    """
+    if sys.version_info >= (3, 12) or not _pidfd_works():
+        yield False
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.set_child_watcher(watcher)
+    try:
+        yield True
+    finally:
+        # The policy's next get_child_watcher() makes a fresh default one.
+        asyncio.set_child_watcher(None)  # type: ignore[arg-type]
+
+
+def io_executor(drivers: Iterable[str]) -> ThreadPoolExecutor:
+    """The default executor for an agent running ``drivers``.
+
+    Threads start on demand, up to :data:`IO_THREADS_BASE` plus the blocking
+    concurrency of each enabled runtime driver.
+    """
+    workers = IO_THREADS_BASE + sum(IO_THREADS_PER_DRIVER.get(d, 0) for d in set(drivers))
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-io")
+
+
+__all__ = [
+    "IO_THREADS_BASE",
+    "IO_THREADS_PER_DRIVER",
+    "MALLOC_ARENA_MAX",
+    "PROCESS_ENVIRONMENT",
+    "child_watcher",
+    "io_executor",
+    "limit_malloc_arenas",
+]
