@@ -71,7 +71,7 @@ from cloud_hub.store import (
     DeviceStatusUpdate,
     Store,
 )
-from edge_agent._service import Service
+from edge_agent._service import Service, reraise_lost_cancel
 from edge_agent.agent import relay_peer_id
 from regional_relay.registry import REGISTRY_PREFIX, registry_scope
 from sync._exceptions import NovaCronError
@@ -472,7 +472,7 @@ class Reconciler(Service):
     async def _connected(self, client: aiomqtt.Client, broker: BrokerAddress) -> None:
         await client.subscribe(hub_uplink_filter(), qos=1)
         await client.subscribe(relay_state_filter(), qos=1)
-        _reraise_lost_cancel()
+        reraise_lost_cancel()
         self._sessions = {region: self._new_session(region) for region in sorted(self.core.regions)}
         self._client = client
         self.counters.connects += 1
@@ -483,7 +483,7 @@ class Reconciler(Service):
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._ticker(), name="reconciler-ticker")
             async for message in client.messages:
-                _reraise_lost_cancel()
+                reraise_lost_cancel()
                 if isinstance(message.payload, bytes | bytearray):
                     await self._on_message(str(message.topic), bytes(message.payload))
 
@@ -579,7 +579,7 @@ class Reconciler(Service):
         try:
             for data in messages:
                 await client.publish(topic, data, qos=1)
-                _reraise_lost_cancel()
+                reraise_lost_cancel()
         except aiomqtt.MqttError as exc:  # sessions resend; the link reconnects
             log.warning("downlink to %s failed: %s", region, exc)
 
@@ -659,7 +659,7 @@ class Reconciler(Service):
                 continue
             try:
                 await client.publish(hub_topic(region, "down"), ack, qos=1)
-                _reraise_lost_cancel()
+                reraise_lost_cancel()
                 self.counters.acks_sent += 1
             except aiomqtt.MqttError as exc:  # the relay resends; acked again then
                 self.counters.acks_unsent += 1
@@ -727,20 +727,6 @@ class Reconciler(Service):
         s = self.settings
         base = min(s.backoff_max_s, s.backoff_initial_s * 2.0 ** min(attempt, 30))
         return float(base * (1 + self._rng.uniform(-s.backoff_jitter, s.backoff_jitter)))
-
-
-def _reraise_lost_cancel() -> None:
-    """Raise the cancellation an aiomqtt call may have swallowed.
-
-    aiomqtt waits for broker replies with ``asyncio.wait_for``, which on Python
-    3.11 drops a cancellation that races with the reply (CPython gh-86296): the
-    task would then carry on as if never cancelled, and ``aclose()`` would wait
-    for it forever. Called after each such await; this module's tasks never
-    swallow a cancellation on purpose, so a pending one is always real.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _relay_state(data: bytes) -> dict[str, Any] | None:

@@ -57,3 +57,17 @@ class Service:
     async def _cancel_tasks(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def reraise_lost_cancel() -> None:
+    """Raise the cancellation an aiomqtt call may have swallowed.
+
+    aiomqtt waits for broker replies with ``asyncio.wait_for``, which on Python
+    3.11 drops a cancellation that races with the reply (CPython gh-86296): the
+    task would carry on as if never cancelled, and ``aclose()`` would wait for it
+    forever. Call it after each such await in a task that never swallows a
+    cancellation on purpose, so a pending one is always real.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -54,7 +54,7 @@ from typing import Any
 
 import aiomqtt
 
-from edge_agent._service import Service
+from edge_agent._service import Service, reraise_lost_cancel
 from edge_agent.agent import relay_peer_id
 from regional_relay._exceptions import RelayError
 from regional_relay.aggregate import Downsampler
@@ -261,10 +261,12 @@ class Relay(Service):
                     self._down = client
                     await client.subscribe(region_uplink_filter(cfg.region), qos=1)
                     await client.subscribe(region_state_filter(cfg.region), qos=1)
+                    reraise_lost_cancel()
                     self.devices_connected.set()
                     attempt = 0
                     log.info("relay connected to the region broker %s", cfg.downstream.url.url)
                     async for message in client.messages:
+                        reraise_lost_cancel()
                         await self._on_device_message(
                             str(message.topic), message.payload, message.retain
                         )
@@ -467,6 +469,7 @@ class Relay(Service):
     async def _send_down(self, client: aiomqtt.Client, topic: str, data: bytes) -> None:
         try:
             await client.publish(topic, data, qos=1, timeout=10)
+            reraise_lost_cancel()
         except aiomqtt.MqttError as exc:
             self.counters.downlink_failed += 1
             log.warning("downlink on %s failed: %s (the device resends or resyncs)", topic, exc)
@@ -539,6 +542,7 @@ class Relay(Service):
             qos=1,
             retain=True,
         )
+        reraise_lost_cancel()
         scopes = [self.registry_scope, *(f"desired/{d}" for d in sorted(self._device_keys))]
         for scope in scopes:
             self.replica.scope(scope)
@@ -565,6 +569,7 @@ class Relay(Service):
             tg.create_task(self._forwarder(client), name="relay-forwarder")
             tg.create_task(self._hub_ticker(session), name="relay-hub-ticker")
             async for message in client.messages:
+                reraise_lost_cancel()
                 if isinstance(message.payload, bytes | bytearray):
                     await self._on_hub_message(session, bytes(message.payload))
 
@@ -652,6 +657,7 @@ class Relay(Service):
             return
         for data in messages:
             await client.publish(hub_topic(self.config.region, "up"), data, qos=1)
+            reraise_lost_cancel()
 
     async def _hub_ticker(self, session: SyncSession) -> None:
         while True:
@@ -670,6 +676,7 @@ class Relay(Service):
                     flight.due = now + cfg.resend.ack_timeout_s + flight.backoff
                     self.counters.batches_resent += 1
                     await client.publish(hub_topic(cfg.region, "up"), flight.data, qos=1)
+                    reraise_lost_cancel()
                     log.debug("resent batch %s", key)
             if len(self._inflight) >= cfg.resend.max_in_flight:
                 await self._wait_new_items(_TICK_S)
@@ -711,6 +718,7 @@ class Relay(Service):
         self._sent_upto = ids[-1]
         self.counters.batches_sent += 1
         await client.publish(hub_topic(cfg.region, "up"), data, qos=1)
+        reraise_lost_cancel()
 
     async def _wait_new_items(self, seconds: float) -> None:
         self._new_items.clear()
