@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
-from typing import Any, Self
+from typing import Any, Final, Self
+
+_RECANCEL_S: Final = 1.0
+"""How long a cancelled task gets before it is cancelled again (see ``_cancel_tasks``)."""
 
 
 class Service:
@@ -55,8 +58,15 @@ class Service:
         return task
 
     async def _cancel_tasks(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        # Cancel, and cancel again what is still running a second later: on
+        # Python 3.11 a cancellation racing with ``asyncio.wait_for`` inside a
+        # library (aiomqtt) can be lost (gh-86296), and the task group would then
+        # wait for that task forever. The tasks stay the group's to collect.
+        pending = {task for task in self._tasks if not task.done()}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=_RECANCEL_S)
 
 
 def reraise_lost_cancel() -> None:
