@@ -24,6 +24,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "edge_agent._cli",
     "firmware_profiles._cli",
     "regional_relay._cli",
+    "simulator._cli",
 )
 
 Handler = Callable[[argparse.Namespace], int]

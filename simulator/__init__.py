@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from simulator._errors import SimulatorError
     from simulator.broker import BrokerControl, BrokerStartError, EmbeddedBroker
+    from simulator.composition import FleetStack, SimDevice, Tuning
+    from simulator.demo import DemoOptions, run_demo
     from simulator.deterministic import DeterministicSim, SimConfig, SimResult, run_deterministic
     from simulator.faults import (
         Action,
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from simulator.injector import FaultInjector, FaultTarget, ProxyNetwork
     from simulator.invariants import InvariantReport, Observations, check_invariants
     from simulator.netproxy import ProxyError, TcpProxy
+    from simulator.realrun import RealResult, RealRunConfig, run_real
     from simulator.report import ReportBuilder, RunReport, write_report
     from simulator.swarm import SwarmOutcome, run_swarm
 
@@ -32,6 +35,7 @@ __all__ = [
     "Action",
     "BrokerControl",
     "BrokerStartError",
+    "DemoOptions",
     "DeterministicSim",
     "DeviceRef",
     "DeviceSelector",
@@ -42,23 +46,30 @@ __all__ = [
     "FaultTimeline",
     "Fleet",
     "FleetSpec",
+    "FleetStack",
     "InvariantReport",
     "Observations",
     "ProxyError",
     "ProxyNetwork",
+    "RealResult",
+    "RealRunConfig",
     "RegionSpec",
     "ReportBuilder",
     "RunReport",
     "SimConfig",
+    "SimDevice",
     "SimResult",
     "SimulatorError",
     "SwarmOutcome",
     "TcpProxy",
+    "Tuning",
     "assign_fleet",
     "check_invariants",
     "load_fault_schedule",
     "load_fleet_spec",
+    "run_demo",
     "run_deterministic",
+    "run_real",
     "run_swarm",
     "write_report",
 ]
@@ -95,6 +106,14 @@ _HOMES = {
     "RunReport": "simulator.report",
     "write_report": "simulator.report",
     "SwarmOutcome": "simulator.swarm",
+    "FleetStack": "simulator.composition",
+    "SimDevice": "simulator.composition",
+    "Tuning": "simulator.composition",
+    "DemoOptions": "simulator.demo",
+    "run_demo": "simulator.demo",
+    "RealResult": "simulator.realrun",
+    "RealRunConfig": "simulator.realrun",
+    "run_real": "simulator.realrun",
     "run_swarm": "simulator.swarm",
 }
 

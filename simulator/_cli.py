@@ -6,9 +6,8 @@ the handlers import the simulator when they run.
 Exit codes: 0 every invariant held; 1 an invariant failed (or a swarm seed
 did); 2 bad input (a fault schedule, fleet file or argument: ConfigError).
 
-The real-process mode of ``sim run`` (real agents, relays and the hub over a
-broker) and ``demo`` need the hub (issue #5) and report so until it lands;
-``sim run --deterministic`` and ``sim swarm`` work now.
+``sim run`` without ``--deterministic`` runs real agents, relays and the hub
+over a broker (:mod:`simulator.realrun`); ``demo`` is :mod:`simulator.demo`.
 """
 
 from __future__ import annotations
@@ -137,14 +136,36 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "demo",
         help="one-command demo: embedded broker, hub, two regions, a rollout and an outage",
         description="Start an embedded MQTT broker, a hub on 127.0.0.1:8090, two regions of "
-        "simulated devices, roll out a sample deployment and cut a region for a minute.",
+        "simulated devices (real agents, enrolled with tokens), roll out a sample deployment "
+        "in waves, cut a region from the hub at t=20 s and heal it at t=40 s (scaled to "
+        "--duration). Exit 0 when every device converged on the hub's desired state.",
     )
-    demo.add_argument("--duration", type=_positive_float, default=None, help="stop after S seconds")
+    demo.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=None,
+        help="stop after S seconds (default: Ctrl-C)",
+    )
     demo.add_argument("--devices", type=_positive_int, default=24, help="devices (default 24)")
     demo.add_argument(
-        "--port", type=_positive_int, default=8090, help="hub HTTP port (default 8090)"
+        "--listen",
+        default="127.0.0.1:8090",
+        metavar="HOST:PORT",
+        help="hub API address (default 127.0.0.1:8090; port 0: any free port)",
     )
-    demo.add_argument("--report", type=Path, metavar="DIR", help="write the run's report here")
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the hub's, relays' and devices' data here (default: a temporary directory)",
+    )
+    demo.add_argument(
+        "--deployment",
+        type=Path,
+        metavar="FILE",
+        help="the deployment to roll out (default: examples/demo/deployment.yaml)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="fleet assignment seed (default 0)")
     demo.set_defaults(func=_cmd_demo)
 
 
@@ -173,12 +194,7 @@ def _print_result(result: Any, report_dir: Path | None) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     if not args.deterministic and args.swarm_seed is None:
-        print(
-            "novacron: sim run: the real-process mode needs the hub (issue #5); "
-            "use --deterministic for now",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+        return _cmd_run_real(args)
     from dataclasses import replace  # noqa: PLC0415
 
     from simulator.deterministic import SimConfig, run_deterministic  # noqa: PLC0415
@@ -206,6 +222,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = replace(config, converge_deadline_s=args.converge_deadline)
     result = run_deterministic(config, schedule, fleet, schedule_source=source)
     _print_result(result, args.report)
+    return EXIT_OK if result.invariants.ok else EXIT_FAILED
+
+
+def _cmd_run_real(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from simulator.faults import load_fault_schedule  # noqa: PLC0415
+    from simulator.fleet import load_fleet_spec  # noqa: PLC0415
+    from simulator.realrun import RealRunConfig, default_workers, run_real  # noqa: PLC0415
+
+    if args.broker is not None and not args.broker.startswith(("mqtt://", "tcp://")):
+        from sync._exceptions import ConfigError  # noqa: PLC0415
+
+        raise ConfigError("must be mqtt://HOST:PORT", source="<argv>", field="--broker")
+    _quiet_logging(getattr(args, "log_level", "INFO"))
+    config = RealRunConfig(
+        devices=args.devices,
+        regions=args.regions,
+        duration_s=args.duration,
+        seed=args.seed,
+        broker_url=None if args.broker is None else "mqtt://" + args.broker.split("://", 1)[1],
+        workers=args.workers or default_workers(),
+        fleet=load_fleet_spec(args.fleet) if args.fleet else None,
+        schedule=load_fault_schedule(args.faults) if args.faults else None,
+        schedule_source=str(args.faults or ""),
+        converge_deadline_s=args.converge_deadline,
+    )
+    result = asyncio.run(run_real(config))
+    if args.report is not None:
+        from simulator.report import write_report  # noqa: PLC0415
+
+        json_path, html_path = write_report(result.report, args.report)
+        print(f"report: {json_path} {html_path}")
     return EXIT_OK if result.invariants.ok else EXIT_FAILED
 
 
@@ -237,7 +286,37 @@ def _cmd_swarm(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _quiet_logging(level: str) -> None:
+    """The demo talks on stdout; logs only from WARNING unless --log-level DEBUG."""
+    import logging  # noqa: PLC0415
+
+    if level != "DEBUG":
+        logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("amqtt").setLevel(logging.ERROR if level != "DEBUG" else logging.INFO)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    del args
-    print("novacron: demo: needs the hub (issue #5), which is not built yet", file=sys.stderr)
-    return EXIT_FAILED
+    import asyncio  # noqa: PLC0415
+
+    from cloud_hub.config import parse_listen  # noqa: PLC0415
+    from simulator.demo import DemoOptions, run_demo  # noqa: PLC0415
+    from sync._exceptions import ConfigError  # noqa: PLC0415
+
+    try:
+        parse_listen(args.listen)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source="<argv>", field="--listen") from exc
+    _quiet_logging(getattr(args, "log_level", "INFO"))
+    options = DemoOptions(
+        duration_s=args.duration,
+        devices=args.devices,
+        listen=args.listen,
+        data_dir=args.data_dir.resolve() if args.data_dir else None,
+        deployment=args.deployment,
+        seed=args.seed,
+    )
+    try:
+        return asyncio.run(run_demo(options))
+    except OSError as exc:  # the API port is taken, the data directory unwritable ...
+        print(f"novacron: demo: {exc} (see --listen and --data-dir)", file=sys.stderr)
+        return EXIT_FAILED

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import socket
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 # amqtt ships no py.typed; pyproject's mypy overrides belong to the project owner.
 from amqtt.broker import Broker  # type: ignore[import-untyped]
@@ -66,6 +66,29 @@ class BrokerControl(Protocol):
     async def stop(self) -> None:
         """Stop the broker; every client loses its connection."""
         ...
+
+
+class _Broker(Broker):  # type: ignore[misc]
+    """amqtt's broker with its retained-message replay kept to the client's own
+    subscriptions.
+
+    amqtt 0.12 replays, to every client that connects, the retained messages of
+    every topic filter *anyone* subscribed to (``for topic in self._subscriptions``
+    in ``_handle_client_session``), and iterates that dict across awaits (a
+    ``RuntimeError`` that resets the connection when clients connect together).
+    A client must get retained messages of its own subscriptions only (MQTT
+    3.1.1, 3.3.1.3): the replay is skipped for filters the session is not
+    subscribed to, which also returns before any await, so the iteration is safe.
+    """
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        topic_filter = subscription[0]
+        subscribers = self._subscriptions.get(topic_filter, ())
+        if not any(s.client_id == session.client_id for s, _ in subscribers):
+            return
+        await super()._publish_retained_messages_for_subscription(subscription, session)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -146,7 +169,7 @@ class EmbeddedBroker:
         last: BaseException | None = None
         for _ in range(attempts):
             port = self._port if self._port is not None else free_port(self._host)
-            broker = Broker(self._config(port))
+            broker = _Broker(self._config(port))
             try:
                 await broker.start()
             except BrokerError as exc:

@@ -68,12 +68,6 @@ def test_bad_schedule_is_a_config_error(tmp_path: Path) -> None:
     assert info.value.field == "faults[0].partition_region.at"
 
 
-def test_real_mode_and_demo_wait_for_the_hub(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _run(["sim", "run"]) == 1
-    assert _run(["demo", "--duration", "1"]) == 1
-    assert "issue #5" in capsys.readouterr().err
-
-
 def test_swarm_runs_seeds(capsys: pytest.CaptureFixture[str]) -> None:
     code = _run(
         [

@@ -1,0 +1,110 @@
+"""``novacron sim run`` in real-process mode: real agents in worker processes, the
+hub and relays, a Mosquitto broker the test starts, faults from a schedule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simulator import _cli
+from tests.fixtures_mqtt import MosquittoBroker
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _schedule(path: Path, faults: list[dict[str, object]]) -> Path:
+    path.write_text(yaml.safe_dump({"name": path.stem, "faults": faults}))
+    return path
+
+
+def _sim_run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "novacron", "sim", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+def test_region_outage_against_mosquitto_converges_after_heal(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    # examples/faults/region-outage.yaml, scaled from 300 s to 16 s.
+    faults = _schedule(
+        tmp_path / "outage.yaml",
+        [{"kind": "partition_region", "at": 4, "duration": 5, "region": "region-00"}],
+    )
+    result = _sim_run(
+        "--devices", "20", "--regions", "2", "--workers", "2", "--duration", "16",
+        "--broker", mosquitto.url, "--faults", str(faults), "--seed", "7",
+        "--converge-deadline", "30", "--report", str(tmp_path / "report"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "enrolled and started 20 agents" in result.stdout
+    assert "convergence after heal: #0 partition_region:" in result.stdout
+    doc = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert doc["meta"]["mode"] == "real" and doc["meta"]["broker"] == "external"
+    assert doc["invariants"]["ok"] is True
+    [lag] = doc["convergence"]
+    assert lag["kind"] == "partition_region" and lag["lag_s"] is not None
+    assert 0 <= lag["lag_s"] <= 30
+    assert 8.5 <= lag["heal_t"] <= 11  # healed at t=9 s, as scheduled
+    checked = doc["invariants"]["checked"]
+    assert checked["events"] > 0 and checked["signed_desired"] >= 20
+    assert checked["single_copy"] == 3  # the replicas deployment's three slots
+    final = doc["final"]
+    assert final["converged_at_end"] == 20 and final["events_acked"] == final["events_stored"]
+    # The series show the run: every device online and converged at the end.
+    series = doc["series"]
+    assert series["devices_converged"]["v"][-1] == 20
+    assert max(series["devices_online"]["v"]) == 20
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert 'data-series="devices_converged"' in html
+
+
+def test_process_faults_with_the_embedded_broker(tmp_path: Path) -> None:
+    faults = _schedule(
+        tmp_path / "mixed.yaml",
+        [
+            {"kind": "kill_relay", "at": 2, "duration": 3, "region": "region-01"},
+            {"kind": "kill_hub", "at": 6, "duration": 2},
+            {"kind": "flap_devices", "at": 1, "duration": 8, "devices": {"count": 2},
+             "down_s": 2, "up_s": 3},
+            {"kind": "kill_broker", "at": 10, "duration": 2},
+            {"kind": "fill_disk", "at": 3, "duration": 2, "devices": {"count": 1}},
+        ],
+    )  # fmt: skip
+    result = _sim_run(
+        "--devices", "8", "--regions", "2", "--workers", "2", "--duration", "14",
+        "--faults", str(faults), "--report", str(tmp_path / "report"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads((tmp_path / "report" / "report.json").read_text())
+    kinds = {lag["kind"]: lag["lag_s"] for lag in doc["convergence"]}
+    assert set(kinds) == {"kill_relay", "kill_hub", "flap_devices", "kill_broker"}
+    assert all(lag is not None for lag in kinds.values()), kinds
+    # fill_disk has no real-process form: reported, not silently skipped.
+    assert doc["final"]["fault_actions_failed"] == 2
+    assert "fill_disk is not simulated with real processes" in result.stdout
+
+
+def test_bad_broker_url_is_a_usage_error() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="novacron")
+    _cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sim", "run", "--broker", "http://x:1"])
+    from sync._exceptions import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        args.func(args)
+    assert info.value.field == "--broker"
