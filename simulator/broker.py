@@ -37,6 +37,8 @@ __all__ = ["BrokerControl", "BrokerStartError", "EmbeddedBroker", "free_port"]
 log = logging.getLogger(__name__)
 
 _BIND_ATTEMPTS = 5
+_SAME_PORT_ATTEMPTS = 50
+_SAME_PORT_RETRY_S = 0.1
 
 
 class BrokerStartError(SimulatorError):
@@ -165,9 +167,12 @@ class EmbeddedBroker:
         """
         if self._broker is not None:
             return
-        attempts = 1 if self._fixed_port or self._port is not None else _BIND_ATTEMPTS
+        same_port = self._fixed_port or self._port is not None
+        # A fresh port is picked again when taken; a fixed one (a restart) is
+        # retried for a while: the listener just closed may hold it briefly.
+        attempts = _SAME_PORT_ATTEMPTS if same_port else _BIND_ATTEMPTS
         last: BaseException | None = None
-        for _ in range(attempts):
+        for attempt in range(attempts):
             port = self._port if self._port is not None else free_port(self._host)
             broker = _Broker(self._config(port))
             try:
@@ -175,6 +180,8 @@ class EmbeddedBroker:
             except BrokerError as exc:
                 last = exc
                 log.debug("embedded broker could not bind %s: %s", port, exc)
+                if same_port and attempt + 1 < attempts:
+                    await asyncio.sleep(_SAME_PORT_RETRY_S)
                 continue
             self._broker = broker
             self._port = port
