@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -94,7 +95,22 @@ class _Broker(Broker):  # type: ignore[misc]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nobody listens on right now (racy by nature)."""
+    """A TCP port on ``host`` that nobody listens on right now (racy by nature).
+
+    Picked below Linux's ephemeral range (32768+): a client reconnecting in a
+    loop to a stopped broker on an ephemeral port can be given that very port as
+    its own source port and connect to itself (TCP simultaneous open), which
+    then holds the port and keeps the broker from coming back on it.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_768)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
