@@ -142,8 +142,11 @@ class SQLiteStore(AsyncClosing):
             if self._shut:
                 return
             self._shut = True
-            self._writer.shutdown(wait=True)
-            self._readers.shutdown(wait=True)
+        # Not under the lock: a reader thread opening its connection takes it, and
+        # shutdown waits for that thread (a deadlock seen in CI).
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._lock:
             try:
                 # Refresh the planner's statistics (label and status selectivity)
                 # when they are stale; cheap when they are not.
