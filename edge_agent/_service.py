@@ -13,7 +13,7 @@ from contextlib import AsyncExitStack
 from typing import Any, Final, Self
 
 _RECANCEL_S: Final = 1.0
-"""How long a cancelled task gets before it is cancelled again (see ``_cancel_tasks``)."""
+"""How long a cancelled task gets before it is cancelled again (see ``cancel_until_done``)."""
 
 
 class Service:
@@ -58,15 +58,23 @@ class Service:
         return task
 
     async def _cancel_tasks(self) -> None:
-        # Cancel, and cancel again what is still running a second later: on
-        # Python 3.11 a cancellation racing with ``asyncio.wait_for`` inside a
-        # library (aiomqtt) can be lost (gh-86296), and the task group would then
-        # wait for that task forever. The tasks stay the group's to collect.
-        pending = {task for task in self._tasks if not task.done()}
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=_RECANCEL_S)
+        # The tasks stay the group's to collect.
+        await cancel_until_done({task for task in self._tasks if not task.done()})
+
+
+async def cancel_until_done(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks``, and cancel again what still runs a second later, until all end.
+
+    On Python 3.11 a cancellation racing with ``asyncio.wait_for`` inside a
+    library (aiomqtt) can be lost (gh-86296): a single ``cancel()`` followed by
+    an ``await`` would then wait for that task forever. Results and exceptions
+    stay the caller's to collect.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=_RECANCEL_S)
 
 
 def reraise_lost_cancel() -> None:

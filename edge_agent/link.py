@@ -142,9 +142,10 @@ class UpstreamLink:
 
         relays = self._config.relays
         index = 0
-        failures = 0
+        failures = 0  # attempts failed in a row; a connection made resets it
         while True:
             relay = relays[index % len(relays)]
+            connects = self.stats.connects
             try:
                 await self._connected_session(aiomqtt, relay.host, relay.port)
                 failures = 0
@@ -157,12 +158,20 @@ class UpstreamLink:
                     relay.port,
                     group.exceptions[0],
                 )
+                if self.stats.connects > connects:
+                    failures = 0  # it was up: a lost session starts the backoff afresh
                 failures += 1
                 index += 1  # fail over to the next relay in the list
             self.connected.clear()
             self.session = None
             self.stats.connected_to = ""
-            await asyncio.sleep(self._backoff(failures))
+            # The backoff grows with each whole round of the list that failed; the
+            # next relay of a round is tried within one initial backoff (jittered,
+            # so a relay's devices do not all land on the next one at once).
+            if failures % len(relays) == 0:
+                await asyncio.sleep(self._backoff(failures // len(relays)))
+            else:
+                await asyncio.sleep(self._rng.uniform(0, self._config.link.backoff_initial_s))
 
     async def _connected_session(self, aiomqtt: Any, host: str, port: int) -> None:
         cfg = self._config

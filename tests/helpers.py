@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+from edge_agent._service import cancel_until_done
 
 
 async def wait_until(predicate: Callable[[], bool], *, within: float = 20.0) -> None:
@@ -25,3 +29,21 @@ async def wait_until_async(
     async with asyncio.timeout(within):
         while not await predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running(coro: Coroutine[Any, Any, Any]) -> AsyncIterator[asyncio.Task[Any]]:
+    """Run a coroutine as a task for the block's duration, then cancel it.
+
+    Cancelled with :func:`cancel_until_done`: an MQTT loop in a test can lose a
+    single cancellation inside aiomqtt and would keep the test waiting forever
+    (seen in CI as a 600 s timeout of a relay test).
+    """
+    task = asyncio.create_task(coro)
+    try:
+        yield task
+    finally:
+        await cancel_until_done({task})
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            raise failure

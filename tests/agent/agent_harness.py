@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -162,15 +161,3 @@ class RelayPeer:
                     assert isinstance(payload, bytes)
                     self.received.append(payload)
                     await send(session.receive(payload))
-
-
-@contextlib.asynccontextmanager
-async def running(coro: Any) -> Any:
-    """Run a coroutine as a task for the block's duration, then cancel it."""
-    task = asyncio.create_task(coro)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -23,12 +23,11 @@ from tests.agent.agent_harness import (
     RelayPeer,
     enroll_offline,
     make_config,
-    running,
     seed_desired,
 )
 from tests.fixtures_mqtt import MosquittoBroker
 from tests.fixtures_runtime import PodmanService
-from tests.helpers import wait_until, wait_until_async
+from tests.helpers import running, wait_until, wait_until_async
 
 SLEEPER = (sys.executable, "-c", "import time; time.sleep(3600)")
 

@@ -255,17 +255,6 @@ def _ring(key: Signer) -> KeyRing:
     return ring
 
 
-@contextlib.asynccontextmanager
-async def running(coro: Any) -> Any:
-    task = asyncio.create_task(coro)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 def phase(agent: Agent, name: str) -> str:
     """The supervisor phase of ``name`` on ``agent`` ("" if it has no record)."""
     return getattr(agent.supervisor.record(name), "phase", "")

@@ -20,7 +20,7 @@ from sync.envelope import encode_envelope, packb
 from sync.keys import Signer
 from sync.models import WorkloadSpec
 from sync.topics import device_topic
-from tests.helpers import wait_until, wait_until_async
+from tests.helpers import running, wait_until, wait_until_async
 from tests.relay.relay_harness import (
     REGION,
     SLEEPER,
@@ -28,7 +28,6 @@ from tests.relay.relay_harness import (
     Region,
     brokers,
     phase,
-    running,
 )
 
 
