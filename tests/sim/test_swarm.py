@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 from simulator.deterministic import run_deterministic
 from simulator.report import report_json
 from simulator.swarm import run_swarm, swarm_case
@@ -34,3 +38,19 @@ def test_swarm_seed_17_holds() -> None:
     config, schedule = swarm_case(17)
     result = run_deterministic(config, schedule)
     assert result.invariants.ok, result.invariants.summary()
+
+
+def test_the_default_swarm_of_200_seeds_passes() -> None:
+    """The acceptance run, ``novacron sim swarm --seeds 200`` in its default short
+    form, as a child process (about a minute over two workers here)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "novacron", "sim", "swarm", "--seeds", "200", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["seeds"] == 200
+    assert summary["failed"] == []
