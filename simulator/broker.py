@@ -31,6 +31,7 @@ from typing import Any, Protocol, Self
 from amqtt.broker import Broker  # type: ignore[import-untyped]
 from amqtt.errors import BrokerError  # type: ignore[import-untyped]
 
+from edge_agent._service import cancel_until_done
 from simulator._errors import SimulatorError
 
 __all__ = ["BrokerControl", "BrokerStartError", "EmbeddedBroker", "free_port"]
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 _BIND_ATTEMPTS = 5
 _SAME_PORT_ATTEMPTS = 50
 _SAME_PORT_RETRY_S = 0.1
+_SHUTDOWN_GRACE_S = 3.0
+"""How long amqtt's own shutdown gets before the broker's connections are aborted."""
 
 
 class BrokerStartError(SimulatorError):
@@ -73,7 +76,14 @@ class BrokerControl(Protocol):
 
 class _Broker(Broker):  # type: ignore[misc]
     """amqtt's broker with its retained-message replay kept to the client's own
-    subscriptions.
+    subscriptions, and a stop that cannot hang.
+
+    **Stop.** amqtt 0.12 closes its listener only after it has stopped every
+    client session one by one, and stopping a session can wait forever (a
+    reader task whose cancellation was lost). The port then stays taken and a
+    restart cannot bind it (seen in the simulator's ``kill_broker``). So the
+    listeners and connections are tracked here: :meth:`close_listeners` frees
+    the port first, and :meth:`abort_connections` ends what shutdown did not.
 
     amqtt 0.12 replays, to every client that connects, the retained messages of
     every topic filter *anyone* subscribed to (``for topic in self._subscriptions``
@@ -83,6 +93,38 @@ class _Broker(Broker):  # type: ignore[misc]
     3.1.1, 3.3.1.3): the replay is skipped for filters the session is not
     subscribed to, which also returns before any await, so the iteration is safe.
     """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.listeners: list[asyncio.Server] = []
+        self.connections: set[asyncio.StreamWriter] = set()
+
+    async def _create_server_instance(self, *args: Any, **kwargs: Any) -> Any:
+        server = await super()._create_server_instance(*args, **kwargs)
+        if isinstance(server, asyncio.Server):
+            self.listeners.append(server)
+        return server
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        self.connections.add(writer)
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            self.connections.discard(writer)
+
+    def close_listeners(self) -> None:
+        """Stop accepting connections and free the port at once."""
+        for server in self.listeners:
+            server.close()
+
+    def abort_connections(self) -> int:
+        """Drop every client connection without a goodbye; return how many."""
+        writers, self.connections = list(self.connections), set()
+        for writer in writers:
+            writer.transport.abort()
+        return len(writers)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
@@ -212,9 +254,27 @@ class EmbeddedBroker:
         broker, self._broker = self._broker, None
         if broker is None:
             return
+        broker.close_listeners()  # the port is free from here on
+        shutdown = asyncio.ensure_future(broker.shutdown())
         try:
-            await broker.shutdown()
+            done, _ = await asyncio.wait({shutdown}, timeout=_SHUTDOWN_GRACE_S)
+            if not done:
+                aborted = broker.abort_connections()
+                log.warning(
+                    "embedded broker on port %s: shutdown still running after %.0f s; "
+                    "aborted %d client connections",
+                    self._port,
+                    _SHUTDOWN_GRACE_S,
+                    aborted,
+                )
+                done, _ = await asyncio.wait({shutdown}, timeout=_SHUTDOWN_GRACE_S)
+            if done:
+                shutdown.result()
+            else:
+                await cancel_until_done({shutdown})
+                log.warning("embedded broker on port %s: shutdown abandoned", self._port)
         finally:
+            broker.abort_connections()
             log.info("embedded MQTT broker on port %s stopped", self._port)
 
     async def restart(self, down_s: float = 0.0) -> None:

@@ -8,6 +8,7 @@ import socket
 import aiomqtt
 import pytest
 
+import simulator.broker
 from simulator.broker import BrokerStartError, EmbeddedBroker, free_port
 
 
@@ -74,3 +75,33 @@ async def test_fixed_port_in_use_is_a_typed_error() -> None:
             await broker.start()
         assert info.value.port == port
         assert not broker.running
+
+
+async def test_a_hung_amqtt_shutdown_still_frees_the_port_and_drops_clients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """amqtt 0.12 can hang stopping a client session, and closes its listener only
+    after that: seen as a restart that could not bind its port. The wrapper frees
+    the port first and aborts the connections the shutdown left."""
+    never = asyncio.Event()
+
+    async def hung_shutdown(self: object) -> None:
+        await never.wait()
+
+    broker = EmbeddedBroker()
+    await broker.start()
+    port = broker.port
+    monkeypatch.setattr(simulator.broker, "_SHUTDOWN_GRACE_S", 0.2)
+    async with aiomqtt.Client("127.0.0.1", port, identifier="c") as client:
+        await client.subscribe("x", qos=1)
+        monkeypatch.setattr(simulator.broker._Broker, "shutdown", hung_shutdown)
+        await broker.stop()
+        with pytest.raises(aiomqtt.MqttError):  # dropped, not left hanging
+            async with asyncio.timeout(10):
+                async for _ in client.messages:
+                    pass
+    monkeypatch.undo()
+    await broker.start()  # the same port binds again
+    assert broker.port == port
+    assert len(await _roundtrip(port, 3)) == 3
+    await broker.stop()
