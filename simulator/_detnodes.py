@@ -29,15 +29,13 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from cloud_hub.ingest import BatchIngestor, BatchRefusedError
 from simulator.invariants import EventKey
 from sync._exceptions import NovaCronError
 from sync.dots import VersionVector
 from sync.envelope import Envelope, decode_envelope, decode_envelope_unverified
 from sync.hlc import HybridLogicalClock
-from sync.keys import KeyRing, Signer
+from sync.keys import KeyRing, PrivateKey, Signer, private_key_from_seed
 from sync.protocol import DELTAS, EVENTS, SNAPSHOT, Replica, SyncSession
 from sync.relaying import (
     BATCH,
@@ -78,10 +76,16 @@ def is_signed(scope: str) -> bool:
     return scope.startswith("desired/")
 
 
-def sim_signer(seed: int, name: str) -> Signer:
-    """A key fixed by the seed and the node name (same seed, same bytes)."""
+def sim_signer(seed: int, name: str, cache: VerifyCache | None = None) -> Signer:
+    """A key fixed by the seed and the node name (same seed, same bytes).
+
+    With ``cache``, every signature it makes is entered there as it is made
+    (see :class:`RecordingSigner`).
+    """
     raw = hashlib.sha256(f"nc-sim/{seed}/{name}".encode()).digest()
-    return Signer(Ed25519PrivateKey.from_private_bytes(raw))
+    if cache is None:
+        return Signer(private_key_from_seed(raw))
+    return RecordingSigner(private_key_from_seed(raw), cache)
 
 
 class VerifyCache:
@@ -109,6 +113,29 @@ class VerifyCache:
                 del self.seen[k]
             self.evicted += len(drop)
         self.seen[key] = None
+
+
+class RecordingSigner(Signer):
+    """A :class:`~sync.keys.Signer` that enters each signature it makes in the
+    run's :class:`VerifyCache`.
+
+    Exact, like the cache itself: a real Ed25519 signature this key made over
+    these bytes verifies by construction, so a receiver holding this key need
+    not recompute it. Bytes it did not sign (a forgery, garbage, a corrupted
+    copy) miss the cache and are verified for real.
+    """
+
+    __slots__ = ("_cache",)
+
+    def __init__(self, private_key: PrivateKey, cache: VerifyCache) -> None:
+        super().__init__(private_key)
+        self._cache = cache
+
+    def sign(self, data: bytes) -> bytes:
+        """Sign, and remember the signature as verified."""
+        sig = super().sign(data)
+        self._cache.remember((self.public_key_bytes, sig, bytes(data)))
+        return sig
 
 
 class CachingKeyRing(KeyRing):

@@ -181,16 +181,16 @@ class DeterministicSim:
     def _build(self) -> None:
         seed = self.config.seed
         cache = self.verify_cache = VerifyCache() if self.config.verify_cache else None
-        hub_signer = sim_signer(seed, HUB)
+        hub_signer = sim_signer(seed, HUB, cache)
         hub_keys = ring_of(hub_signer, cache=cache)
-        relay_signers = {r: sim_signer(seed, relay_id(r)) for r in self.fleet.regions}
+        relay_signers = {r: sim_signer(seed, relay_id(r), cache) for r in self.fleet.regions}
         self.devices: dict[str, SimDevice] = {}
         for ref in self.fleet.devices:
             self.devices[ref.device_id] = SimDevice(
                 ref.device_id,
                 ref.region,
                 ref.profile,
-                signer=sim_signer(seed, ref.device_id),
+                signer=sim_signer(seed, ref.device_id, cache),
                 relay_keys=ring_of(relay_signers[ref.region], cache=cache),
                 hub_keys=hub_keys,
                 wire=self,
@@ -220,6 +220,12 @@ class DeterministicSim:
         self.hub_keys = hub_keys
         # Link and process state.
         self.dev_up = dict.fromkeys(self.devices, True)
+        # Kept as they change, so a sample costs O(regions + changes), not O(devices).
+        self._members = Counter(d.region for d in self.devices.values())
+        self._down = Counter[str]()
+        self._events_len: dict[str, int] = {}
+        self._events_touched: set[str] = set()
+        self._events_pending = 0
         self.region_broker_up = dict.fromkeys(self.fleet.regions, True)
         self.relay_up = dict.fromkeys(self.fleet.regions, True)
         self.partitioned = dict.fromkeys(self.fleet.regions, False)
@@ -320,7 +326,14 @@ class DeterministicSim:
             self.devices[dst].receive(data)
 
     def wake(self, node: str, peer: str) -> None:
-        """Schedule a timer tick of ``node``'s session with ``peer``."""
+        """Schedule a timer tick of ``node``'s session with ``peer``.
+
+        A device's event stream changes only around a wake (an append, an
+        acknowledgement received, a reconnect), so the device is also noted for
+        the next sample's count of pending events.
+        """
+        if node in self.devices:
+            self._events_touched.add(node)
         key = (node, peer)
         if key in self._ticks:
             return
@@ -340,6 +353,28 @@ class DeterministicSim:
             busy = self.devices[node].tick()
         if busy:
             self.wake(node, peer)
+
+    def _set_dev_up(self, device: str, *, up: bool) -> None:
+        if self.dev_up[device] != up:
+            self.dev_up[device] = up
+            self._down[self.devices[device].region] += -1 if up else 1
+
+    def _online(self) -> int:
+        """Devices whose link to their relay is up (as :meth:`link_ok`)."""
+        return sum(
+            members - self._down[region]
+            for region, members in self._members.items()
+            if self.region_broker_up[region] and self.relay_up[region]
+        )
+
+    def _pending_events(self) -> int:
+        """Events held by devices, not yet acknowledged by their relays."""
+        for device in self._events_touched:
+            n = len(self.devices[device].events)
+            self._events_pending += n - self._events_len.get(device, 0)
+            self._events_len[device] = n
+        self._events_touched.clear()
+        return self._events_pending
 
     def dirty(self, replica: str, scope: str) -> None:
         """Mark ``replica``'s copy of ``scope`` for re-digest at the next sample."""
@@ -481,10 +516,10 @@ class DeterministicSim:
                 self._reconnect_relay_hub(relay_id(region))
             case "link_down":
                 assert a.device is not None
-                self.dev_up[a.device] = False
+                self._set_dev_up(a.device, up=False)
             case "link_up":
                 assert a.device is not None
-                self.dev_up[a.device] = True
+                self._set_dev_up(a.device, up=True)
                 self._connect(a.device)
             case "kill_relay":
                 assert region is not None
@@ -577,7 +612,7 @@ class DeterministicSim:
             d.clock.offset_ms = 0
             d.disk_full = False
             if not self.dev_up[d.id]:
-                self.dev_up[d.id] = True
+                self._set_dev_up(d.id, up=True)
                 self._connect(d.id)
         return was
 
@@ -627,7 +662,7 @@ class DeterministicSim:
             + self.counters["lost_in_flight"]
         )
         split_devices = {s.split("/", 1)[1] for s in self._split}
-        online = sum(1 for d in self.devices.values() if self.link_ok(d.id, d.relay))
+        online = self._online()
         self.builder.record(
             t,
             devices_online=online,
@@ -636,7 +671,7 @@ class DeterministicSim:
             msgs_per_s=(delivered - last_delivered) / dt,
             lost_per_s=(lost - last_lost) / dt,
             outbox_items=sum(len(r.outbox) for r in self.relays.values()),
-            device_events_pending=sum(len(d.events) for d in self.devices.values()),
+            device_events_pending=self._pending_events(),
         )
         self._last_sample = (self.now, delivered, lost)
 

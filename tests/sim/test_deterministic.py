@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 
+from simulator._detnodes import VerifyCache, ring_of, sim_signer
 from simulator.deterministic import SimConfig, run_deterministic
 from simulator.faults import FaultSchedule, load_fault_schedule
 from simulator.fleet import load_fleet_spec
 from simulator.report import render_html, report_json
+from sync._exceptions import SignatureError
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTAGE = load_fault_schedule(ROOT / "examples" / "faults" / "region-outage.yaml")
@@ -123,3 +125,19 @@ def test_clock_jump_ahead_and_back_converges() -> None:
     cfg = busy(devices=40, regions=2, duration_s=300, seed=6)
     result = run_deterministic(cfg, schedule, FLEET)
     assert result.invariants.ok, result.invariants.summary()
+
+
+def test_recorded_signatures_spare_only_their_own_bytes() -> None:
+    """A signer of the run enters what it signs in the verification cache; any
+    other bytes, signature or key is still verified for real (and fails)."""
+    cache = VerifyCache()
+    signer = sim_signer(1, "gw-1", cache)
+    ring = ring_of(signer, cache=cache)
+    sig = signer.sign(b"status")
+    ring.verify(signer.key_id, b"status", sig)
+    assert (cache.hits, cache.misses) == (1, 0)
+    mallory = sim_signer(2, "gw-1", cache)  # records too, under its own key
+    for data, bad in [(b"statuS", sig), (b"status", mallory.sign(b"status"))]:
+        with pytest.raises(SignatureError):
+            ring.verify(signer.key_id, data, bad)
+    assert cache.hits == 1
