@@ -85,6 +85,7 @@ import random
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, ClassVar, cast
 
 from sync._chunks import Chunk, entry_dots, pack_chunks, plan_chunks, split_vector
@@ -453,10 +454,15 @@ class SyncSession:
     def _hello(self, *, reply: bool, backoff: bool = False) -> list[bytes]:
         self._resync = False
         vv = {sc: self.replica.scope(sc).context.to_wire() for sc in sorted(self.scopes)}
+        # Only this peer's streams, sorted after filtering: a relay's inbox holds
+        # every device of its region, and each device session says HELLO.
+        peer = self.peer_id
         ev = {
-            name: inb.next_seq
-            for (src, name), inb in sorted(self.replica.inbox.items())
-            if src == self.peer_id
+            key[1]: inb.next_seq
+            for key, inb in sorted(
+                [(key, inb) for key, inb in self.replica.inbox.items() if key[0] == peer],
+                key=itemgetter(0),
+            )
         }
         body = {
             "s": self.session_id,
