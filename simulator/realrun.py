@@ -85,6 +85,8 @@ EACH = "telemetry"
 REPLICAS = "aggregator"
 WORKER_EXIT_S = 30.0
 """How long a worker may take to stop its agents before it is killed."""
+FINAL_WAIT_S = 600.0
+"""How long a worker may take to report its agents' final state."""
 SHUTDOWN_TIMEOUT_S = 90.0
 """How long stopping the workers, relays, hub and broker may take."""
 SERIES = {
@@ -651,7 +653,8 @@ async def _finish(  # noqa: PLR0917 - private, called once
     out: TextIO,
 ) -> RealResult:
     finals: dict[str, dict[str, Any]] = {}
-    for part in await workers.each("final"):
+    # Generous: losing the answer loses the whole run.
+    for part in await workers.each("final", wait_s=FINAL_WAIT_S):
         finals.update(part)
     acked = [
         EventKey(did, stream, seq)
