@@ -71,6 +71,7 @@ from cloud_hub.store import (
     DeviceStatusUpdate,
     Store,
 )
+from edge_agent._mqtt import counted_queue
 from edge_agent._service import Service, reraise_lost_cancel
 from edge_agent.agent import relay_peer_id
 from regional_relay.registry import REGISTRY_PREFIX, registry_scope
@@ -183,6 +184,8 @@ class _Counters:
     commit_batches: int = 0
     commit_failures: int = 0
     queue_overflow: int = 0
+    mqtt_dropped: int = 0
+    """Messages aiomqtt received while its bounded queue was full (see ``edge_agent._mqtt``)."""
     uplink_rejected: Counter[str] = field(default_factory=Counter)
     observer_errors: int = 0
     ingest_errors: int = 0
@@ -428,6 +431,7 @@ class Reconciler(Service):
             "commit_batches": c.commit_batches,
             "commit_failures": c.commit_failures,
             "queue_overflow": c.queue_overflow,
+            "mqtt_dropped": c.mqtt_dropped,
             "queue_depth": self._queue.qsize(),
             "uplink_rejected": dict(c.uplink_rejected),
             "observer_errors": c.observer_errors,
@@ -450,8 +454,12 @@ class Reconciler(Service):
             identifier=b.identifier,
             keepalive=b.keepalive_s,
             max_queued_incoming_messages=self.settings.queue_limit * 8,
+            queue_type=counted_queue("hub reconciler", self._count_mqtt_drop),
             max_queued_outgoing_messages=100_000,
         )
+
+    def _count_mqtt_drop(self) -> None:
+        self.counters.mqtt_dropped += 1
 
     async def _link(self, broker: BrokerAddress) -> None:
         attempt = 0

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from edge_agent._mqtt import counted_queue
 from edge_agent.config import AgentConfig
 from sync._exceptions import NovaCronError
 from sync.envelope import packb
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 OUTBOX_LIMIT = 1024
+INCOMING_QUEUE_LIMIT = 1024
+"""Received messages aiomqtt may hold before it drops the newest (counted)."""
 
 
 @dataclass
@@ -52,6 +55,8 @@ class LinkStats:
     rejected_in: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     outbox_overflows: int = 0
+    incoming_dropped: int = 0
+    """Messages dropped because the bounded incoming queue was full (the relay resends)."""
     connected_to: str = ""
 
 
@@ -131,6 +136,9 @@ class UpstreamLink:
             except asyncio.QueueFull:
                 self.stats.outbox_overflows += 1
 
+    def _count_drop(self) -> None:
+        self.stats.incoming_dropped += 1
+
     def _backoff(self, attempt: int) -> float:
         s = self._config.link
         base = min(s.backoff_max_s, s.backoff_initial_s * (2.0 ** min(attempt, 30)))
@@ -191,6 +199,8 @@ class UpstreamLink:
             password=password,
             keepalive=cfg.link.keepalive_s,
             will=aiomqtt.Will(self.state_topic, state_offline, qos=1, retain=True),
+            max_queued_incoming_messages=INCOMING_QUEUE_LIMIT,
+            queue_type=counted_queue(f"agent {cfg.device_id}", self._count_drop),
         )
         async with client:
             self.stats.connects += 1

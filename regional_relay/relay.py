@@ -50,10 +50,11 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import aiomqtt
 
+from edge_agent._mqtt import counted_queue
 from edge_agent._service import Service, reraise_lost_cancel
 from edge_agent.agent import relay_peer_id
 from regional_relay._exceptions import RelayError
@@ -137,7 +138,17 @@ class RelayCounters:
         }
 
 
-def _client(settings: BrokerSettings, identifier: str, will: aiomqtt.Will | None) -> aiomqtt.Client:
+INCOMING_QUEUE_LIMIT: Final = 10_000
+"""Messages aiomqtt may hold for the relay per connection before it drops the
+newest (counted in ``rejected`` as ``incoming_queue_full``; senders resend)."""
+
+
+def _client(
+    settings: BrokerSettings,
+    identifier: str,
+    will: aiomqtt.Will | None,
+    on_drop: Callable[[], None],
+) -> aiomqtt.Client:
     username = password = None
     if settings.credentials is not None:
         username = settings.credentials.username
@@ -150,6 +161,8 @@ def _client(settings: BrokerSettings, identifier: str, will: aiomqtt.Will | None
         password=password,
         keepalive=settings.keepalive_s,
         will=will,
+        max_queued_incoming_messages=INCOMING_QUEUE_LIMIT,
+        queue_type=counted_queue(identifier, on_drop),
         max_queued_outgoing_messages=100_000,
     )
 
@@ -257,7 +270,9 @@ class Relay(Service):
         attempt = 0
         while True:
             try:
-                async with _client(cfg.downstream, f"nc-relay-{cfg.relay_id}", None) as client:
+                async with _client(
+                    cfg.downstream, f"nc-relay-{cfg.relay_id}", None, self._count_queue_full
+                ) as client:
                     self._down = client
                     await client.subscribe(region_uplink_filter(cfg.region), qos=1)
                     await client.subscribe(region_state_filter(cfg.region), qos=1)
@@ -508,6 +523,9 @@ class Relay(Service):
     def _reject(self, reason: str) -> None:
         self.counters.rejected[reason] += 1
 
+    def _count_queue_full(self) -> None:
+        self._reject("incoming_queue_full")
+
     # -- hub (upstream broker) --------------------------------------------------------------
 
     async def _hub_link(self) -> None:
@@ -521,7 +539,9 @@ class Relay(Service):
                 retain=True,
             )
             try:
-                async with _client(cfg.upstream, f"nc-relay-{cfg.relay_id}-up", will) as client:
+                async with _client(
+                    cfg.upstream, f"nc-relay-{cfg.relay_id}-up", will, self._count_queue_full
+                ) as client:
                     await self._hub_session_run(client)
             except* aiomqtt.MqttError as group:
                 log.warning("hub broker lost: %s", group.exceptions[0])
