@@ -112,6 +112,7 @@ def test_bad_broker_url_is_a_usage_error() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.skipif(
     os.environ.get("NOVACRON_SLOW_TESTS") != "1", reason="slow: set NOVACRON_SLOW_TESTS=1"
 )
