@@ -84,7 +84,11 @@ def reraise_lost_cancel() -> None:
     3.11 drops a cancellation that races with the reply (CPython gh-86296): the
     task would carry on as if never cancelled, and ``aclose()`` would wait for it
     forever. Call it after each such await in a task that never swallows a
-    cancellation on purpose, so a pending one is always real.
+    cancellation on purpose, so a pending one is always real. Not in a task
+    that owns an ``asyncio.TaskGroup`` whose children may fail: on 3.11 a child
+    failing while the group exits leaves the owner's cancellation count raised
+    with no cancellation pending (the agent's link task is one; its children
+    call this instead).
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edge_agent._mqtt import counted_queue
+from edge_agent._service import reraise_lost_cancel
 from edge_agent.config import AgentConfig
 from sync._exceptions import NovaCronError
 from sync.envelope import packb
@@ -237,6 +238,12 @@ class UpstreamLink:
         while True:
             data = await self._outbox.get()
             await client.publish(self.up_topic, data, qos=1)
+            # publish() waits for the PUBACK with asyncio.wait_for, which can
+            # swallow a cancellation on Python 3.11; the session's task group
+            # cancels its children only once, so a lost one would leave this
+            # task waiting on an empty outbox and the agent's close hung (seen
+            # in CI). A child task: its cancellation count is its own.
+            reraise_lost_cancel()
             self.stats.messages_out += 1
             self.stats.bytes_out += len(data)
 

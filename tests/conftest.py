@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -59,14 +61,19 @@ def _dump_asyncio_tasks_before_timeout() -> Iterator[None]:
 
 
 def _print_tasks(loop: asyncio.AbstractEventLoop) -> None:
-    out = sys.__stderr__ or sys.stderr
     tasks = asyncio.all_tasks(loop)
-    print(f"\n+++ {len(tasks)} asyncio tasks still pending +++", file=out)
+    lines = [f"+++ {len(tasks)} asyncio tasks still pending +++"]
     for task in tasks:
-        print(f"task {task.get_name()}:", file=out)
-        for line in _await_chain(task.get_coro()):
-            print(f"    {line}", file=out)
+        lines.append(f"task {task.get_name()}:")
+        lines += [f"    {line}" for line in _await_chain(task.get_coro())]
+    text = "\n".join(lines) + "\n"
+    # stderr is captured until the test ends; the file is there at once.
+    out = sys.__stderr__ or sys.stderr
+    out.write(text)
     out.flush()
+    path = Path(tempfile.gettempdir()) / f"novacron-asyncio-tasks-{os.getpid()}.txt"
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _await_chain(coro: object) -> list[str]:
