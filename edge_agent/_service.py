@@ -1,7 +1,8 @@
 """The shape shared by long-lived daemons (the agent, the relay): an async
 context manager owning an exit stack and a task group of named tasks.
 
-Shared with :mod:`regional_relay`. ``aclose()`` cancels the tasks first, then
+Shared with :mod:`regional_relay` and the simulator's ``FleetStack`` (which
+uses only the exit stack). ``aclose()`` cancels the tasks first, then
 unwinds what ``_start`` entered (drivers, stores), so stores flush last.
 """
 

@@ -28,19 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import yaml
 
 from cloud_hub.client import HubClient
 from cloud_hub.config import HubConfig
 from cloud_hub.server import Hub
+from edge_agent._service import Service
 from edge_agent.agent import Agent
 from edge_agent.config import load_agent_config
 from edge_agent.drivers.sim import SimDriver
@@ -101,7 +100,7 @@ def _broker_hostport(url: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class FleetStack:
+class FleetStack(Service):
     """A hub and one relay per region on one broker, as an async context manager.
 
     Args:
@@ -129,6 +128,7 @@ class FleetStack:
         hub_data_dir: Path | None = None,
         tuning: Tuning | None = None,
     ) -> None:
+        super().__init__()
         self.root = root
         self.broker_url = broker_url
         self.broker_host, self.broker_port = _broker_hostport(broker_url)
@@ -143,7 +143,6 @@ class FleetStack:
         self._hub_url = ""
         self._relay_configs: dict[str, RelayConfig] = {}
         self._relay_keys: dict[str, str] = {}
-        self._stack = contextlib.AsyncExitStack()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -202,14 +201,6 @@ class FleetStack:
         for region in self.regions:
             (self.root / "relays" / region / "hub.pub").write_text(text, encoding="ascii")
 
-    async def __aenter__(self) -> Self:
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
     async def _start(self) -> None:
         await asyncio.to_thread(self._prepare_relay_dirs)
         for region in self.regions:
@@ -224,14 +215,6 @@ class FleetStack:
             self._relay_configs[region] = self._relay_config(region, self.proxies[region].port)
         self._stack.push_async_callback(self._stop_relays)
         await asyncio.gather(*(self.start_relay(region) for region in self.regions))
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._stack.aclose()
 
     async def _stop_relays(self) -> None:
         await asyncio.gather(*(self.stop_relay(r) for r in list(self.relays)))
