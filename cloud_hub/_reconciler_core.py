@@ -30,7 +30,7 @@ from cloud_hub.health import DeviceState, HealthTracker, UnreachableReason
 from cloud_hub.ingest import BatchIngestor, BatchRefusedError, IngestResult, IngestStats
 from cloud_hub.store import EventRecord, IngestCommit
 from regional_relay.registry import registry_key, registry_scope, registry_value
-from sync._exceptions import ClockSkewError, NovaCronError
+from sync._exceptions import NovaCronError
 from sync.crdt import LwwMap
 from sync.envelope import DecodeLimits, packb, unpackb_strict
 from sync.hlc import Clock, HybridLogicalClock
@@ -420,8 +420,9 @@ class ReconcilerCore:
 
     def _put_scope(self, name: str, state: LwwMap) -> None:
         self.replica.scopes[name] = state
-        if len(state):
-            try:
-                self.replica.hlc.update(state.max_ts)
-            except ClockSkewError as exc:
-                log.warning("stored scope %s is ahead of the hub's clock: %s", name, exc)
+        if len(state) and not self.replica.observe_entries(state.entries_wire()):
+            log.warning(
+                "stored scope %s is more than %d ms ahead of the hub's clock",
+                name,
+                self.replica.hlc.max_skew_ms,
+            )

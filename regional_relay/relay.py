@@ -259,9 +259,11 @@ class Relay(Service):
                         value
                     )
                 continue
-            self.replica.scope(scope).merge_batch([list(e) for e in entries])
-            if entries:
-                self.replica.hlc.update(max(int(e[1]) for e in entries))
+            wire = [list(e) for e in entries]
+            self.replica.scope(scope).merge_batch(wire)
+            # Stored data is final: a clock that went back since must not stop
+            # the start (see Replica.observe_entries).
+            self.replica.observe_entries(wire)
 
     # -- devices (downstream broker) --------------------------------------------------------
 

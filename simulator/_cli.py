@@ -125,11 +125,6 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--duration", type=_positive_float, default=240.0, help="seconds per run (default 240)"
     )
     swarm.add_argument("--workers", type=_positive_int, default=1, help="processes (default 1)")
-    swarm.add_argument(
-        "--include-known",
-        action="store_true",
-        help="also draw faults that hit known, pinned defects (device clocks jumping ahead)",
-    )
     swarm.set_defaults(func=_cmd_swarm)
 
     demo = subparsers.add_parser(
@@ -268,7 +263,6 @@ def _cmd_swarm(args: argparse.Namespace) -> int:
         regions=args.regions,
         duration_s=args.duration,
         workers=args.workers,
-        include_known=args.include_known,
     )
     failed = [o for o in outcomes if not o.ok]
     for o in failed:

@@ -8,11 +8,8 @@ schedule would. A failing seed is printed and replays exactly::
     novacron sim swarm --seeds 200
     novacron sim run --deterministic --swarm-seed 1234 --report out/
 
-Known defects can be left out of the draw (``include_known=False``, the
-default), so CI stays green on what is fixed and the rest stays pinned by
-strict xfail tests: a device clock jumping *ahead* by more than the HLC's
-``max_skew`` (5 min) then back is cut off from its relay until real time
-catches up (see ``tests/sim/test_deterministic.py``).
+Every fault kind is drawn at its full range, device clocks jumping days ahead
+of the HLC's ``max_skew`` (5 min) included.
 """
 
 from __future__ import annotations
@@ -82,7 +79,6 @@ def swarm_case(
     devices: int = 20,
     regions: int = 2,
     duration_s: float = 240.0,
-    include_known: bool = False,
 ) -> tuple[SimConfig, FaultSchedule]:
     """The configuration and fault schedule of swarm seed ``seed``."""
     rng = random.Random(f"swarm/{seed}")
@@ -92,9 +88,7 @@ def swarm_case(
         kind = rng.choice(_KINDS)
         f = _fault(rng, kind, region_names, duration_s)
         if kind == "clock_skew":
-            ahead_ok = include_known
-            hours = rng.uniform(-48, 48 if ahead_ok else 0.06)  # 0.06 h < max_skew (5 min)
-            f["hours"] = round(hours, 3) or -1.0
+            f["hours"] = round(rng.uniform(-48, 48), 3) or -1.0
         faults.append(f)
     config = SimConfig(
         devices=devices,
@@ -125,12 +119,10 @@ class SwarmOutcome:
     wall_s: float
 
 
-def _run_one(args: tuple[int, int, int, float, bool]) -> SwarmOutcome:
-    seed, devices, regions, duration, include_known = args
+def _run_one(args: tuple[int, int, int, float]) -> SwarmOutcome:
+    seed, devices, regions, duration = args
     t0 = time.perf_counter()
-    config, schedule = swarm_case(
-        seed, devices=devices, regions=regions, duration_s=duration, include_known=include_known
-    )
+    config, schedule = swarm_case(seed, devices=devices, regions=regions, duration_s=duration)
     result = run_deterministic(config, schedule)
     inv = result.invariants
     return SwarmOutcome(
@@ -149,10 +141,9 @@ def run_swarm(
     regions: int = 2,
     duration_s: float = 240.0,
     workers: int = 1,
-    include_known: bool = False,
 ) -> list[SwarmOutcome]:
     """Run every seed; ``workers`` > 1 spreads them over processes (same results)."""
-    jobs = [(s, devices, regions, duration_s, include_known) for s in seeds]
+    jobs = [(s, devices, regions, duration_s) for s in seeds]
     if workers <= 1:
         return [_run_one(j) for j in jobs]
     with ProcessPoolExecutor(max_workers=workers) as pool:

@@ -7,9 +7,16 @@ sent as plain ints.
 
 The clock never goes backwards, whatever the wall clock does, and it bounds the
 trust put in remote clocks: a remote timestamp whose physical part is more than
-``max_skew_ms`` ahead of local physical time is rejected with
-:class:`~sync._exceptions.ClockSkewError` (and counted), so a gateway that boots
-with its clock in 2040 cannot win every last-writer-wins race forever.
+``max_skew_ms`` ahead of local physical time either is rejected with
+:class:`~sync._exceptions.ClockSkewError` (:meth:`HybridLogicalClock.update`) or
+moves this clock only up to the bound (:meth:`HybridLogicalClock.observe`, which
+the sync protocol uses); both are counted. Either way a gateway that boots with
+its clock in 2040 cannot drag its peers' clocks, and with them their own writes,
+into 2040. (Every scope has a single writer, see :mod:`sync.protocol`, so data
+that carries a skewed writer's timestamps races only with that writer's own,
+which its clock already orders.) A node's own history is another matter:
+:meth:`HybridLogicalClock.adopt` takes its own timestamps back in full, skew or
+not, so it never issues a timestamp below one it wrote before.
 
 Counter overflow: when the 16-bit counter would pass 65535 within one millisecond,
 the clock moves its physical part forward by one millisecond and restarts the
@@ -111,9 +118,10 @@ class HybridLogicalClock:
 
     Attributes:
         skew_rejections: how many remote timestamps :meth:`update` rejected.
+        skew_clamped: how many remote timestamps :meth:`observe` clamped.
     """
 
-    __slots__ = ("_clock", "_last", "max_skew_ms", "skew_rejections")
+    __slots__ = ("_clock", "_last", "max_skew_ms", "skew_clamped", "skew_rejections")
 
     def __init__(self, clock: Clock, max_skew_ms: int = 300_000, last: int = 0) -> None:
         if max_skew_ms < 0:
@@ -123,6 +131,7 @@ class HybridLogicalClock:
         self.max_skew_ms = max_skew_ms
         self._last = last
         self.skew_rejections = 0
+        self.skew_clamped = 0
 
     @property
     def last(self) -> int:
@@ -174,6 +183,42 @@ class HybridLogicalClock:
         ts = wall if wall > last else last + 1
         self._last = ts
         return ts
+
+    def observe(self, remote_ts: int) -> bool:
+        """Observe a remote timestamp, moving at most ``max_skew_ms`` ahead.
+
+        Unlike :meth:`update`, a timestamp too far ahead is not refused: this
+        clock moves up to the end of the bound (local physical time plus
+        ``max_skew_ms``) instead, and :attr:`skew_clamped` is incremented. The
+        data that carried it is still accepted by the caller.
+
+        Returns:
+            ``True`` if ``remote_ts`` was within the bound, ``False`` if clamped.
+
+        Raises:
+            CrdtError: ``remote_ts`` is not a valid packed timestamp.
+        """
+        _check_ts(remote_ts)
+        physical = self._physical()
+        bound = min(physical + self.max_skew_ms, MAX_PHYSICAL_MS) << COUNTER_BITS | MAX_COUNTER
+        within = remote_ts <= bound
+        if not within:
+            self.skew_clamped += 1
+            remote_ts = bound
+        self._last = max(self._last, remote_ts)
+        return within
+
+    def adopt(self, own_ts: int) -> None:
+        """Take back a timestamp this node issued itself (e.g. from its journal).
+
+        No skew bound applies: the clock must stay above everything this node
+        ever wrote, or its next write would lose to its own older ones.
+
+        Raises:
+            CrdtError: ``own_ts`` is not a valid packed timestamp.
+        """
+        _check_ts(own_ts)
+        self._last = max(self._last, own_ts)
 
     def check(self, remote_ts: int) -> None:
         """Validate a remote timestamp against the skew bound without consuming it.

@@ -73,9 +73,20 @@ acknowledged, and are sent only as the queue has room.
 
 Errors: :meth:`SyncSession.receive` raises :class:`~sync._exceptions.WireError`
 (garbage, forged or unknown-key bytes), :class:`~sync._exceptions.ProtocolError`
-(a well-formed message that breaks the protocol),
-:class:`~sync._exceptions.CrdtError` (a malformed delta) or
-:class:`~sync._exceptions.ClockSkewError`; in each case nothing has changed.
+(a well-formed message that breaks the protocol) or
+:class:`~sync._exceptions.CrdtError` (a malformed delta); in each case nothing
+has changed.
+
+Clock skew: a peer's clock far ahead is not an error. Every scope has a single
+writer (``device/<id>``: the device; ``desired/<id>``: the hub, which signs it;
+a relay's and the hub's own scopes: that node), so a skewed writer's timestamps
+only ever race with its own, which its monotonic clock already orders. What a
+skewed peer must not do is drag this node's clock along: a message or entry
+more than ``max_skew_ms`` ahead is merged, but moves the local clock only to
+that bound (:meth:`~sync.hlc.HybridLogicalClock.observe`), counted in
+:attr:`SessionStats.clock_skew`. Refusing such data instead leaves a device
+whose clock jumped ahead and back unable to sync for as long as the jump, and a
+gateway that booted in 1970 unable to take its desired state.
 """
 
 from __future__ import annotations
@@ -137,6 +148,9 @@ class SessionStats:
     deltas_applied: int = 0
     oversize: int = 0
     """Entries or events too large for any envelope (not sent; logged)."""
+    clock_skew: int = 0
+    """Messages whose sender's clock was more than ``max_skew_ms`` ahead: merged,
+    the local clock moved only to the bound."""
 
 
 _Apply = Callable[[], tuple[list[bytes], bool]]
@@ -366,7 +380,6 @@ class SyncSession:
             WireError: garbage, oversize, unsupported or badly signed bytes.
             ProtocolError: a well-formed message that breaks the protocol.
             CrdtError: a malformed delta, snapshot or vector.
-            ClockSkewError: the sender's clock is too far ahead.
 
         On any error the session and the replica are unchanged.
         """
@@ -380,7 +393,7 @@ class SyncSession:
         # Parse and validate fully before anything changes.
         action = handler(self, body)
         msg = cast("dict[str, Any]", body)  # checked by the handler
-        self.replica.hlc.update(env.ts)
+        self._observe_skew(self.replica.hlc.observe(env.ts))
         self.stats.received += 1
         if self._track_seq(env.type, msg["s"], env.seq):
             # Applied again anyway: merges are idempotent, and after a gap reset
@@ -392,6 +405,15 @@ class SyncSession:
         return out
 
     # -- sending ----------------------------------------------------------------------------
+
+    def _observe_skew(self, within: bool) -> None:
+        if not within:
+            self.stats.clock_skew += 1
+            log.debug(
+                "clock of %s more than %d ms ahead: merged, local clock held at the bound",
+                self.peer_id,
+                self.replica.hlc.max_skew_ms,
+            )
 
     def _jitter(self, ms: int) -> int:
         return ms + int(ms * 0.25 * self._rng.random())
@@ -653,21 +675,15 @@ class SyncSession:
         if len(entries) > max(self.max_batch, 10_000):
             raise ProtocolError("DELTAS batch too large")
         ctx = None if body["c"] is None else VersionVector.from_wire(body["c"])
-        max_ts = 0
         for e in entries:
             if type(e) is not list or len(e) != 6:
                 raise CrdtError("LWW entry must be a 6-item list")
-            if type(e[1]) is int and e[1] > max_ts:
-                max_ts = e[1]
-        if entries:
-            self.replica.hlc.check(max_ts)
         validate_entries(entries)
         if self.validate is not None:
             self.validate(scope, entries)
 
         def apply() -> tuple[list[bytes], bool]:
-            if entries:
-                self.replica.hlc.update(max_ts)
+            self._observe_skew(self.replica.observe_entries(entries))
             n = self.replica.scope(scope).apply_entries(entries, ctx)
             self.stats.deltas_applied += n
             # The peer sent these dots, so it has them: never echo them back.
@@ -688,8 +704,6 @@ class SyncSession:
             raise ProtocolError(f"SNAPSHOT for scope {scope!r} not synced with {self.peer_id!r}")
         snap = LwwMap.from_wire(body["st"])
         entries: list[list[Any]] = body["st"]["e"]  # validated by from_wire
-        max_ts = snap.max_ts
-        self.replica.hlc.check(max_ts)
         if self.validate is not None:
             self.validate(scope, entries)
         # A chunk claiming only its own entries' dots cannot make the causal
@@ -698,7 +712,7 @@ class SyncSession:
         additive = snap.context == entry_dots(entries)
 
         def apply() -> tuple[list[bytes], bool]:
-            self.replica.hlc.update(max_ts)
+            self._observe_skew(self.replica.observe_entries(entries))
             state = self.replica.scope(scope)
             if additive:
                 n = state.apply_entries(entries, None)

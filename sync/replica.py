@@ -112,6 +112,27 @@ class Replica:
         """Delete ``key`` from ``scope`` now; return the delta."""
         return self.scope(scope).delete(key, ts=self.hlc.now(), origin=self.replica_id)
 
+    def observe_entries(self, entries: list[list[Any]]) -> bool:
+        """Move the clock past merged wire entries' timestamps.
+
+        Entries this node wrote itself (its own history, e.g. handed back after
+        its journal was lost) are adopted in full; anyone else's move the clock
+        at most ``max_skew_ms`` ahead of local time
+        (:meth:`~sync.hlc.HybridLogicalClock.observe`).
+
+        Returns:
+            ``False`` if a timestamp was clamped (too far ahead), else ``True``.
+        """
+        own = other = 0
+        for e in entries:
+            if e[2] == self.replica_id:
+                own = max(own, e[1])
+            else:
+                other = max(other, e[1])
+        if own:
+            self.hlc.adopt(own)
+        return self.hlc.observe(other) if other else True
+
     def stream(self, name: str, capacity: int = 10_000) -> EventStream:
         """The outbound stream ``name``, created on first use."""
         s = self.streams.get(name)

@@ -141,6 +141,37 @@ def test_gateway_booted_in_2040_cannot_win() -> None:
     assert hlc.now() < in_2040
 
 
+def test_observe_clamps_at_the_skew_bound_and_counts() -> None:
+    clock = ManualClock(START)
+    hlc = HybridLogicalClock(clock, max_skew_ms=SKEW)
+    assert hlc.observe(pack_ts(START + SKEW, 7))
+    assert hlc.last == pack_ts(START + SKEW, 7)
+    assert hlc.skew_clamped == 0
+    in_2040 = pack_ts(2_208_988_800_000, 0)
+    assert not hlc.observe(in_2040)
+    assert hlc.skew_clamped == 1
+    assert hlc.last == pack_ts(START + SKEW, MAX_COUNTER)
+    held = hlc.now()
+    assert held < in_2040
+    # An old timestamp never moves the clock back.
+    assert hlc.observe(pack_ts(START - 1, 0))
+    assert hlc.last == held
+    with pytest.raises(CrdtError):
+        hlc.observe(-1)
+
+
+def test_adopt_takes_own_history_back_whatever_the_skew() -> None:
+    hlc = HybridLogicalClock(ManualClock(START), max_skew_ms=SKEW)
+    written_when_ahead = pack_ts(START + 100 * SKEW, 3)
+    hlc.adopt(written_when_ahead)
+    assert hlc.now() == written_when_ahead + 1
+    hlc.adopt(pack_ts(START, 0))  # older: no effect
+    assert hlc.last == written_when_ahead + 1
+    assert (hlc.skew_rejections, hlc.skew_clamped) == (0, 0)
+    with pytest.raises(CrdtError):
+        hlc.adopt(1 << 64)
+
+
 def test_counter_overflow_advances_physical() -> None:
     clock = ManualClock(START)
     hlc = HybridLogicalClock(clock, last=pack_ts(START, MAX_COUNTER - 1))

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync._exceptions import (
-    ClockSkewError,
     CrdtError,
     DecodeError,
     ProtocolError,
@@ -366,26 +365,6 @@ def _forge(
         ),
         (_forge("DELTAS", {"s": "x", "sc": SCOPE, "d": [["k"]], "c": None}), CrdtError),
         (_forge("DELTAS", {"s": "x", "sc": SCOPE, "d": [], "c": {"a": -1}}), CrdtError),
-        (
-            _forge(
-                "DELTAS",
-                {
-                    "s": "x",
-                    "sc": SCOPE,
-                    "d": [["k", pack_ts(1_900_000_000_000, 0), "a", 1, False, 1]],
-                    "c": None,
-                },
-            ),
-            ClockSkewError,
-        ),
-        (
-            _forge(
-                "ACK",
-                {"s": "x", "ps": None, "a": [], "vv": {}, "ev": {}},
-                ts=pack_ts(1_900_000_000_000, 0),
-            ),
-            ClockSkewError,
-        ),
         (_forge("SNAPSHOT", {"s": "x", "sc": SCOPE, "st": {"e": []}}), CrdtError),
         (
             _forge("HELLO", {"s": "x", "bd": -1, "r": True, "ps": None, "vv": {}, "ev": {}}),
@@ -419,6 +398,44 @@ def test_bad_input_raises_typed_error_and_changes_nothing(
     with pytest.raises(error):
         sa.receive(data)
     assert _state(sa) == before
+
+
+FAR_AHEAD = pack_ts(1_900_000_000_000, 7)  # 2030, years past the five-minute bound
+
+
+def test_a_peer_clock_far_ahead_is_merged_but_never_drags_ours() -> None:
+    sa, _sh, clock = pair()
+    bound = (clock.now_ms() + sa.replica.hlc.max_skew_ms) << 16 | 0xFFFF
+    data = _forge(
+        "DELTAS",
+        {"s": "x", "sc": SCOPE, "d": [["k", FAR_AHEAD, "hub", 1, False, "v"]], "c": None},
+        ts=FAR_AHEAD,
+    )
+    out = sa.receive(data)
+    # Merged with the writer's own timestamp and acknowledged: a device whose
+    # clock jumped ahead is not shut out until real time catches up.
+    assert sa.replica.scope(SCOPE).entry("k")[0] == FAR_AHEAD
+    assert [decode_envelope_unverified(m).type for m in out] == ["ACK"]
+    # The envelope's and the entry's timestamps were both clamped, and counted.
+    assert sa.stats.clock_skew == 2
+    assert sa.replica.hlc.skew_clamped == 2
+    # The clock stopped at the bound; the ACK then took the next timestamp.
+    assert sa.replica.hlc.last == bound + 1
+
+
+def test_own_history_far_ahead_is_adopted_in_full() -> None:
+    """Entries this node wrote itself (handed back after it lost its journal)
+    move its clock past them, skew or not: its next write must win over them."""
+    sa, _sh, _clock = pair()
+    data = _forge(
+        "DELTAS",
+        {"s": "x", "sc": SCOPE, "d": [["k", FAR_AHEAD, "agent", 1, False, "old"]], "c": None},
+    )
+    sa.receive(data)
+    assert sa.stats.clock_skew == 0
+    assert sa.replica.hlc.last >= FAR_AHEAD
+    sa.replica.set(SCOPE, "k", "new")
+    assert sa.replica.scope(SCOPE).get("k") == "new"
 
 
 def test_tampered_envelope_is_refused() -> None:
