@@ -12,6 +12,10 @@ one request, one answer, in order:
     network: its agent stops as on a power or link loss, its journal stays, and it
     starts again from it; a port per device for a proxy would not scale to
     thousands of devices);
+``("skew", [ids], offset_ms)``
+    set some devices' clock offsets (``clock_skew``; ``0`` ends it);
+``("garbage", [ids])``
+    have some devices publish random bytes upstream (``garbage``);
 ``("final",)``
     per device: the event sequence numbers its relay acknowledged per stream,
     and the desired entries it holds (the main process checks their
@@ -30,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -181,6 +186,15 @@ class _Worker:
                 return None
             case "start":
                 await asyncio.gather(*(self.devices[i].start() for i in request[1]))
+                return None
+            case "skew":
+                for i in request[1]:
+                    self.devices[i].clock.offset_ms = int(request[2])
+                return None
+            case "garbage":
+                await asyncio.gather(
+                    *(self.devices[i].send_garbage(random.randrange(1, 200)) for i in request[1])
+                )
                 return None
             case "final":
                 return await self._final()

@@ -29,11 +29,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import yaml
 
 from cloud_hub.client import HubClient
@@ -50,11 +53,13 @@ from regional_relay.config import RelayConfig
 from regional_relay.relay import Relay
 from simulator.netproxy import TcpProxy
 from sync.crdt import LwwMap
+from sync.topics import device_topic
 
 __all__ = [
     "DeviceSetup",
     "FleetStack",
     "SimDevice",
+    "SkewedClock",
     "Tuning",
     "create_tokens",
     "enroll_devices",
@@ -390,6 +395,21 @@ def _write_initial_config(path: Path, settings: Mapping[str, Any]) -> None:
     path.write_text(yaml.safe_dump(dict(settings)), encoding="utf-8")
 
 
+class SkewedClock:
+    """The system wall clock plus an offset (a ``clock_skew`` fault sets it).
+
+    The agent reads wall time only through its :class:`~sync.hlc.Clock`, so
+    moving this offset is, to the agent, the device's clock jumping.
+    """
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def now_ms(self) -> int:
+        """System time in ms since the epoch, plus the offset."""
+        return time.time_ns() // 1_000_000 + self.offset_ms
+
+
 @dataclass
 class SimDevice:
     """One simulated device: a real agent with the ``sim`` driver.
@@ -398,12 +418,14 @@ class SimDevice:
         setup: where its files are.
         profile: its firmware profile.
         driver: its simulated runtime (shared across restarts of the agent).
+        clock: its wall clock (shared across restarts, as a device's RTC is).
         agent: the running agent, or ``None`` while stopped.
     """
 
     setup: DeviceSetup
     profile: FirmwareProfile
     driver: SimDriver
+    clock: SkewedClock = field(default_factory=SkewedClock)
     agent: Agent | None = None
     starts: int = field(default=0)
 
@@ -428,7 +450,7 @@ class SimDevice:
         if self.agent is not None:
             return
         config = await asyncio.to_thread(load_agent_config, self.setup.config_path)
-        agent = Agent(config, self.profile, drivers={"process": self.driver})
+        agent = Agent(config, self.profile, drivers={"process": self.driver}, clock=self.clock)
         await agent.__aenter__()
         self.agent = agent
         self.starts += 1
@@ -438,6 +460,31 @@ class SimDevice:
         agent, self.agent = self.agent, None
         if agent is not None:
             await agent.aclose()
+
+    async def send_garbage(self, size: int) -> None:
+        """Publish ``size`` random bytes on this device's upstream topic (``garbage``).
+
+        As the device's own broker account, on a connection of its own next to
+        the agent's (which goes on undisturbed): what the relay sees is a device
+        sending bytes that are not an envelope. Plain MQTT only, as the
+        simulator's brokers are.
+        """
+        config = await asyncio.to_thread(load_agent_config, self.setup.config_path)
+        relay = config.relays[0]
+        username = password = None
+        if config.credentials is not None:
+            username = config.credentials.username
+            password = await asyncio.to_thread(config.credentials.read_password)
+        async with aiomqtt.Client(
+            relay.host,
+            relay.port,
+            identifier=f"nc-{self.device_id}-garbage",
+            username=username,
+            password=password,
+        ) as client:
+            await client.publish(
+                device_topic(config.region, config.device_id, "up"), os.urandom(size), qos=1
+            )
 
     def scope(self, name: str) -> LwwMap | None:
         """The agent's replica of a scope (``None`` while stopped)."""

@@ -20,9 +20,13 @@ flap_devices       the device's agent stops (as on a power or link loss: connect
                    device would cost a port each and cap the fleet near 28,000 devices
                    per host; stopping the agent exercises the same reconnect and
                    resync path, plus the journal's restart
-clock_skew,        not simulated with real processes (recorded as failed actions);
-fill_disk,         the deterministic mode (``--deterministic``) covers them
-garbage
+clock_skew         the device's agent reads a wall clock whose offset the worker sets
+                   (:class:`~simulator.composition.SkewedClock`), then sets back
+garbage            the device's broker account publishes random bytes on its upstream
+                   topic from a second connection (the agent's own goes on)
+fill_disk          not simulated with real processes (recorded as a failed action): the
+                   agent's journal has no full-disk path yet; ``--deterministic``
+                   models it
 =================  ====================================================================
 
 Invariants (:mod:`simulator.invariants`), fed from what the run saw:
@@ -225,11 +229,11 @@ class _Workers:
             )
         )
 
-    async def to_devices(self, kind: str, devices: Sequence[str]) -> None:
+    async def to_devices(self, kind: str, devices: Sequence[str], *args: Any) -> None:
         per: dict[int, list[str]] = {}
         for did in devices:
             per.setdefault(self.owner[did], []).append(did)
-        await asyncio.gather(*(self.request(i, kind, ids) for i, ids in per.items()))
+        await asyncio.gather(*(self.request(i, kind, ids, *args) for i, ids in per.items()))
 
     async def close(self) -> None:
         """Ask every worker to stop its agents; past a bound, end the process."""
@@ -260,6 +264,7 @@ class _Target:
         self.broker = broker
         self.workers = workers
         self.down_devices: set[str] = set()
+        self.skewed_devices: set[str] = set()
 
     async def apply(self, action: Action) -> None:
         match action.kind:
@@ -288,6 +293,13 @@ class _Target:
             case "link_up":
                 self.down_devices.discard(action.device or "")
                 await self.workers.to_devices("start", [action.device or ""])
+            case "skew_clock" | "unskew_clock":
+                device = action.device or ""
+                offset = action.value if action.kind == "skew_clock" else 0
+                await self.workers.to_devices("skew", [device], offset)
+                (self.skewed_devices.add if offset else self.skewed_devices.discard)(device)
+            case "garbage":
+                await self.workers.to_devices("garbage", [action.device or ""])
             case _:
                 raise NotImplementedError(
                     f"{action.kind} is not simulated with real processes (see --deterministic)"
@@ -305,6 +317,9 @@ class _Target:
         if self.down_devices:
             await self.workers.to_devices("start", sorted(self.down_devices))
             self.down_devices.clear()
+        if self.skewed_devices:
+            await self.workers.to_devices("skew", sorted(self.skewed_devices), 0)
+            self.skewed_devices.clear()
 
 
 # -- sampling ------------------------------------------------------------------------
@@ -727,6 +742,10 @@ async def _finish(  # noqa: PLR0917 - private, called once
         "invariants_ok": report.ok,
     }
     final["diagnostics"] = _diagnostics(stack)
+    # Messages the relays refused from devices (garbage, forged or skewed bytes).
+    final["relay_rejected"] = sum(
+        sum((r["rejected"] or {}).values()) for r in final["diagnostics"]["relays"].values()
+    )
     _say(out, report.summary())
     if report.lags:
         shown = "; ".join(

@@ -82,6 +82,10 @@ def test_process_faults_with_the_embedded_broker(tmp_path: Path) -> None:
              "down_s": 2, "up_s": 3},
             {"kind": "kill_broker", "at": 10, "duration": 2},
             {"kind": "fill_disk", "at": 3, "duration": 2, "devices": {"count": 1}},
+            # Two hours ahead, then back: the relay merges, its clock does not follow.
+            {"kind": "clock_skew", "at": 2, "duration": 5, "devices": {"count": 2}, "hours": 2},
+            {"kind": "garbage", "at": 4, "duration": 3, "rate_per_s": 2,
+             "devices": {"count": 1, "region": "region-00"}},
         ],
     )  # fmt: skip
     result = _sim_run(
@@ -91,11 +95,14 @@ def test_process_faults_with_the_embedded_broker(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads((tmp_path / "report" / "report.json").read_text())
     kinds = {lag["kind"]: lag["lag_s"] for lag in doc["convergence"]}
-    assert set(kinds) == {"kill_relay", "kill_hub", "flap_devices", "kill_broker"}
+    assert set(kinds) == {"kill_relay", "kill_hub", "flap_devices", "kill_broker", "clock_skew"}
     assert all(lag is not None for lag in kinds.values()), kinds
     # fill_disk has no real-process form: reported, not silently skipped.
     assert doc["final"]["fault_actions_failed"] == 2
     assert "fill_disk is not simulated with real processes" in result.stdout
+    # The garbage (six messages: 2/s for 3 s, in the region whose relay stays up)
+    # reached the relay, which refused and counted every one.
+    assert doc["final"]["relay_rejected"] >= 6, doc["final"]
 
 
 def test_bad_broker_url_is_a_usage_error() -> None:
