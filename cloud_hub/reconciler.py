@@ -71,7 +71,7 @@ from cloud_hub.store import (
     DeviceStatusUpdate,
     Store,
 )
-from edge_agent._mqtt import counted_queue
+from edge_agent._mqtt import connected, counted_queue
 from edge_agent._service import Service, reraise_lost_cancel
 from edge_agent.agent import relay_peer_id
 from regional_relay.registry import REGISTRY_PREFIX, registry_scope
@@ -465,7 +465,7 @@ class Reconciler(Service):
         attempt = 0
         while True:
             try:
-                async with self._mqtt_client(broker) as client:
+                async with connected(self._mqtt_client(broker)) as client:
                     attempt = 0
                     await self._connected(client, broker)
             except* aiomqtt.MqttError as group:

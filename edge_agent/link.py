@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from edge_agent._mqtt import counted_queue
+from edge_agent._mqtt import connected, counted_queue
 from edge_agent._service import reraise_lost_cancel
 from edge_agent.config import AgentConfig
 from sync._exceptions import NovaCronError
@@ -203,7 +203,7 @@ class UpstreamLink:
             max_queued_incoming_messages=INCOMING_QUEUE_LIMIT,
             queue_type=counted_queue(f"agent {cfg.device_id}", self._count_drop),
         )
-        async with client:
+        async with connected(client):
             self.stats.connects += 1
             self.stats.connected_to = f"{host}:{port}"
             log.info("connected to relay %s:%s (bdSeq %s)", host, port, bd_seq)

@@ -54,7 +54,7 @@ from typing import Any, Final
 
 import aiomqtt
 
-from edge_agent._mqtt import counted_queue
+from edge_agent._mqtt import connected, counted_queue
 from edge_agent._service import Service, reraise_lost_cancel
 from edge_agent.agent import relay_peer_id
 from regional_relay._exceptions import RelayError
@@ -272,8 +272,10 @@ class Relay(Service):
         attempt = 0
         while True:
             try:
-                async with _client(
-                    cfg.downstream, f"nc-relay-{cfg.relay_id}", None, self._count_queue_full
+                async with connected(
+                    _client(
+                        cfg.downstream, f"nc-relay-{cfg.relay_id}", None, self._count_queue_full
+                    )
                 ) as client:
                     self._down = client
                     await client.subscribe(region_uplink_filter(cfg.region), qos=1)
@@ -541,8 +543,10 @@ class Relay(Service):
                 retain=True,
             )
             try:
-                async with _client(
-                    cfg.upstream, f"nc-relay-{cfg.relay_id}-up", will, self._count_queue_full
+                async with connected(
+                    _client(
+                        cfg.upstream, f"nc-relay-{cfg.relay_id}-up", will, self._count_queue_full
+                    )
                 ) as client:
                     await self._hub_session_run(client)
             except* aiomqtt.MqttError as group:
