@@ -175,11 +175,18 @@ def _print_result(result: Any, report_dir: Path | None) -> None:
         print("convergence after heal: " + "; ".join(lags))
     for v in inv.violations[:20]:
         print(f"  {v}")
-    print(
-        f"devices {final['devices']}, regions {final['regions']}, "
-        f"simulated {final['sim_seconds']:g} s in {result.wall_s:.1f} s, "
-        f"events stored {final['events_stored']}"
+    from simulator.progress import final_table  # noqa: PLC0415
+
+    keys = (
+        "devices",
+        "regions",
+        "sim_seconds",
+        "events_stored",
+        "events_dropped_by_quota",
+        "max_convergence_lag_s",
+        "invariants_ok",
     )
+    print(final_table([*((k, final[k]) for k in keys if k in final), ("wall_s", result.wall_s)]))
     if report_dir is not None:
         from simulator.report import write_report  # noqa: PLC0415 - heavy import
 
@@ -215,7 +222,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     if args.converge_deadline is not None:
         config = replace(config, converge_deadline_s=args.converge_deadline)
-    result = run_deterministic(config, schedule, fleet, schedule_source=source)
+    from simulator.progress import ProgressDisplay  # noqa: PLC0415
+
+    # On stderr: stdout (the results) stays the same for the same seed.
+    display = ProgressDisplay(sys.stderr)
+    try:
+        result = run_deterministic(
+            config, schedule, fleet, schedule_source=source, progress=display.update
+        )
+    finally:
+        display.close()
     _print_result(result, args.report)
     return EXIT_OK if result.invariants.ok else EXIT_FAILED
 

@@ -42,6 +42,7 @@ import yaml
 from cloud_hub.client import HubClient
 from cloud_hub.config import HubConfig
 from cloud_hub.server import Hub
+from edge_agent._mqtt import connected
 from edge_agent._service import Service
 from edge_agent.agent import Agent
 from edge_agent.config import load_agent_config
@@ -475,13 +476,14 @@ class SimDevice:
         if config.credentials is not None:
             username = config.credentials.username
             password = await asyncio.to_thread(config.credentials.read_password)
-        async with aiomqtt.Client(
+        client = aiomqtt.Client(
             relay.host,
             relay.port,
             identifier=f"nc-{self.device_id}-garbage",
             username=username,
             password=password,
-        ) as client:
+        )
+        async with connected(client):
             await client.publish(
                 device_topic(config.region, config.device_id, "up"), os.urandom(size), qos=1
             )

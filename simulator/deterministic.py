@@ -59,6 +59,7 @@ from simulator.invariants import (
     check_invariants,
     scope_digest,
 )
+from simulator.progress import Progress
 from simulator.report import ReportBuilder, RunReport
 
 __all__ = ["DeterministicSim", "SimConfig", "SimResult", "run_deterministic"]
@@ -136,6 +137,8 @@ class DeterministicSim:
         schedule: faults (``None``: none).
         fleet_spec: the fleet file (default: every built-in profile).
         schedule_source: the schedule's file name, for errors.
+        progress: called with a :class:`~simulator.progress.Progress` at every
+            sample (to show it; it must not change anything).
     """
 
     def __init__(
@@ -145,8 +148,10 @@ class DeterministicSim:
         fleet_spec: FleetSpec | None = None,
         *,
         schedule_source: str = "",
+        progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self.config = config
+        self._progress = progress
         spec = fleet_spec or default_fleet_spec()
         self.fleet: Fleet = assign_fleet(
             spec, config.devices, regions=config.regions, seed=config.seed
@@ -674,6 +679,20 @@ class DeterministicSim:
             device_events_pending=self._pending_events(),
         )
         self._last_sample = (self.now, delivered, lost)
+        if self._progress is not None:
+            self._progress(
+                Progress(
+                    t,
+                    self.config.duration_s,
+                    len(self.devices),
+                    online,
+                    len(self.devices) - len(split_devices),
+                    (delivered - last_delivered) / dt,
+                    "msg",
+                    f"outbox {sum(len(r.outbox) for r in self.relays.values())}  "
+                    f"events stored {len(self.hub.stored):,}",
+                )
+            )
 
     def _sample(self, _: object = None) -> None:
         self._take_sample()
@@ -807,9 +826,12 @@ def run_deterministic(
     fleet_spec: FleetSpec | None = None,
     *,
     schedule_source: str = "",
+    progress: Callable[[Progress], None] | None = None,
 ) -> SimResult:
-    """Build and run one deterministic simulation."""
-    return DeterministicSim(config, schedule, fleet_spec, schedule_source=schedule_source).run()
+    """Build and run one deterministic simulation (``progress``: see :class:`DeterministicSim`)."""
+    return DeterministicSim(
+        config, schedule, fleet_spec, schedule_source=schedule_source, progress=progress
+    ).run()
 
 
 # Scope helpers re-exported for tests and the CLI.

@@ -76,6 +76,7 @@ from simulator.invariants import (
     check_invariants,
     scope_digest,
 )
+from simulator.progress import Progress, ProgressDisplay, final_table
 from simulator.report import ReportBuilder, RunReport
 from sync.crdt import LwwMap
 from sync.keys import KeyRing
@@ -573,11 +574,11 @@ async def _live(  # noqa: PLR0917 - private, called once
         SERIES,
     )
     sample_s = config.sample_s or max(1.0, min(10.0, len(devices) / 400))
+    display = ProgressDisplay(out, every_s=config.progress_s)
     async with stack.client() as api:
         await api.apply(_manifest(EACH, mode="each", release=1))
         await api.apply(_manifest(REPLICAS, mode="replicas", release=1, replicas=replicas))
-    _say(
-        out,
+    display.say(
         f"t=    0s  applied {EACH} (mode each) and {REPLICAS} (mode replicas, {replicas}); "
         f"{len(timeline)} fault actions scheduled",
     )
@@ -596,10 +597,9 @@ async def _live(  # noqa: PLR0917 - private, called once
                 except HubClientError as exc:
                     log.info("apply of release %s failed (%s); retrying", k, exc)
                     await asyncio.sleep(1.0)
-            _say(out, f"t={sampler.now():5.0f}s  applied {EACH} release {k}")
+            display.say(f"t={sampler.now():5.0f}s  applied {EACH} release {k}")
 
     async def sampling(until: float | None, stop_when_converged: bool) -> None:
-        next_print = 0.0
         while True:
             s = await sampler.sample()
             builder.record(
@@ -611,15 +611,20 @@ async def _live(  # noqa: PLR0917 - private, called once
                 outbox_depth=s.outbox,
                 events_ingested_per_s=sampler.ingest_rate(),
             )
-            if s.t >= next_print:
-                _say(
-                    out,
-                    f"t={s.t:5.0f}s  online {s.online}/{len(devices)}  converged "
-                    f"{s.converged}/{len(devices)}  agents {s.running_agents}  "
-                    f"relays up {s.relays_up}/{len(regions)}  outbox {s.outbox}  "
-                    f"hub queue {s.hub_queue}  faults {len(injector.applied)}/{len(timeline)}",
+            display.update(
+                Progress(
+                    s.t,
+                    config.duration_s,
+                    len(devices),
+                    s.online,
+                    s.converged,
+                    sampler.ingest_rate(),
+                    "event",
+                    f"agents {s.running_agents}  relays up {s.relays_up}/{len(regions)}  "
+                    f"outbox {s.outbox}  hub queue {s.hub_queue}  "
+                    f"faults {len(injector.applied)}/{len(timeline)}",
                 )
-                next_print = s.t + config.progress_s
+            )
             if stop_when_converged and s.converged == len(devices):
                 return
             if until is not None and sampler.now() >= until:
@@ -634,8 +639,7 @@ async def _live(  # noqa: PLR0917 - private, called once
         chg.cancel()
     await target.heal_everything()
     heal_all_t = sampler.now()
-    _say(
-        out,
+    display.say(
         f"t={heal_all_t:5.0f}s  run over: every fault healed; "
         f"settling (up to {config.settle_s:g} s)",
     )
@@ -644,6 +648,7 @@ async def _live(  # noqa: PLR0917 - private, called once
     for _ in range(2):
         await asyncio.sleep(sample_s)
         await sampler.sample()
+    display.close()
     return await _finish(
         config, stack, workers, sampler, injector, builder, replicas, enroll_s, heal_all_t, out
     )
@@ -758,7 +763,7 @@ async def _finish(  # noqa: PLR0917 - private, called once
     for a in injector.applied:
         if a.error:
             _say(out, f"  fault action {a.action.kind} at {a.at_s:.1f} s not applied: {a.error}")
-    _say(out, " ".join(f"{k}={v}" for k, v in final.items() if k != "diagnostics"))
+    _say(out, final_table(final.items()))
     if not report.ok:
         _say(out, f"diagnostics: {final['diagnostics']}")
     run_report = builder.build(lags=report.lags, final=final, invariants=report)
