@@ -16,6 +16,7 @@ has its desired state at once, with no network.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -86,6 +87,7 @@ class DeviceState:
         self.scope_name = device_scope(device_id)
         self.desired_scope_name = desired_scope(device_id)
         self._desired_cache: dict[str, WorkloadSpec | RejectedSpec] | None = None
+        self._write_lock = asyncio.Lock()
 
     @property
     def scope(self) -> LwwMap:
@@ -116,19 +118,34 @@ class DeviceState:
         return total
 
     async def write_local(self, key: str, value: Any | None) -> LwwMap:
-        """Set (or with ``None`` delete) a key here; durable before returning."""
-        if value is None:
-            delta = self.replica.delete(self.scope_name, key)
-        else:
-            delta = self.replica.set(self.scope_name, key, value)
-        wire = delta.entries_wire()
-        await self.journal.put_state(
-            [_entry_to_state(self.scope_name, w) for w in wire],
-            deltas=[
-                Delta(scope=self.scope_name, origin=w[2], counter=w[3], payload=packb(w))
-                for w in wire
-            ],
-        )
+        """Set (or with ``None`` delete) a key here; durable before it counts.
+
+        The write is journaled first and only then applied to the in-memory
+        scope: when the journal refuses it (a full disk), nothing changed, so
+        the device never acts on, or syncs up, a write it would forget at its
+        next start (and then reissue under the same dot). Local writes are
+        serialized, since each takes the next dot of this device.
+
+        Raises:
+            JournalError: the write could not be made durable; nothing changed.
+        """
+        async with self._write_lock:
+            delta = self.scope.write_delta(
+                key,
+                value,
+                ts=self.replica.hlc.now(),
+                origin=self.replica.replica_id,
+                deleted=value is None,
+            )
+            wire = delta.entries_wire()
+            await self.journal.put_state(
+                [_entry_to_state(self.scope_name, w) for w in wire],
+                deltas=[
+                    Delta(scope=self.scope_name, origin=w[2], counter=w[3], payload=packb(w))
+                    for w in wire
+                ],
+            )
+            self.scope.apply_entries(wire, None)
         self._desired_cache = None
         return delta
 

@@ -226,16 +226,28 @@ class LwwMap:
     # -- mutators -------------------------------------------------------------------
 
     def _write(self, key: str, ts: int, origin: str, deleted: bool, value: Any) -> LwwMap:
+        delta = self.write_delta(key, value, ts=ts, origin=origin, deleted=deleted)
+        # Same result as merge_state(delta) for a one-entry delta, without a scan.
+        self._apply(delta.entries_wire(), None)
+        return delta
+
+    def write_delta(
+        self, key: str, value: Any, *, ts: int, origin: str, deleted: bool = False
+    ) -> LwwMap:
+        """The delta :meth:`set` (or with ``deleted`` :meth:`delete`) would make, unapplied.
+
+        For a writer that must make the write durable before it counts: persist
+        the delta, then :meth:`apply_entries` its :meth:`entries_wire`. The dot is
+        the next one of ``origin`` here, so the caller must not plan a second
+        write of the same origin before this one is applied.
+        """
         _check_key(key)
         _check_ts(ts)
         counter = self.context.next_counter(origin)
         check_dot(origin, counter)
-        entry: LwwEntry = (ts, origin, counter, deleted, value)
         delta = LwwMap()
-        delta._entries[key] = entry
+        delta._entries[key] = (ts, origin, counter, deleted, None if deleted else value)
         delta.context.add_counter(origin, counter)
-        # Same result as merge_state(delta) for a one-entry delta, without a scan.
-        self._apply([[key, ts, origin, counter, deleted, value]], None)
         return delta
 
     def set(self, key: str, value: Any, *, ts: int, origin: str) -> LwwMap:
