@@ -167,6 +167,28 @@ class AckEventsOp(WriteOp):
         return w.ack_events(self.stream, self.seq)
 
 
+@dataclass(slots=True, eq=False)
+class FreezeSizeOp(WriteOp):
+    """Stop (or let again) the file growing, as on a full disk; result: None.
+
+    ``PRAGMA max_page_count`` is a setting of the writer's own connection, so it
+    is changed on the writer thread, between two writes.
+    """
+
+    frozen: bool = False
+
+    def apply(self, w: JournalWriter) -> None:
+        if self.frozen:
+            (pages,) = w.conn.execute("PRAGMA page_count").fetchone()
+            w.conn.execute(f"PRAGMA max_page_count = {int(pages)}")
+        else:
+            w.conn.execute(f"PRAGMA max_page_count = {_MAX_PAGE_COUNT}")
+
+
+_MAX_PAGE_COUNT = 0xFFFFFFFE
+"""SQLite's own upper bound for ``max_page_count``."""
+
+
 class JournalWriter(SqliteWriter[WriteOp]):
     """Owns the write connection and the thread that applies :class:`WriteOp`.
 

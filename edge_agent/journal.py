@@ -72,6 +72,7 @@ from edge_agent._journal_writer import (
     AckDeltasThroughOp,
     AckEventsOp,
     AppendEventsOp,
+    FreezeSizeOp,
     JournalWriter,
     PutStateOp,
     WriteOp,
@@ -309,6 +310,16 @@ class Journal(SqliteStore[WriteOp, JournalWriter]):
             self._new_future(), len(entries) + len(delta_rows), list(entries), delta_rows
         )
         await self._run(op)
+
+    async def freeze_size(self, frozen: bool) -> None:
+        """Let the file grow no more (``True``), as if its disk were full, or again.
+
+        While frozen, a write that needs a new page fails with
+        :class:`JournalWriteError` ("database or disk is full"), exactly as on a
+        full disk; pages the journal freed are still reused. The simulator's
+        ``fill_disk`` fault uses it: filling a real disk would fill the host's.
+        """
+        await self._run(FreezeSizeOp(self._new_future(), 0, frozen))
 
     async def add_deltas(self, deltas: Sequence[Delta]) -> None:
         """Record outbound deltas; a dot already present is left unchanged."""

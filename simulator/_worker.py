@@ -16,6 +16,8 @@ one request, one answer, in order:
     set some devices' clock offsets (``clock_skew``; ``0`` ends it);
 ``("garbage", [ids])``
     have some devices publish random bytes upstream (``garbage``);
+``("disk", [ids], full)``
+    start or end a full disk on some devices (``fill_disk``);
 ``("final",)``
     per device: the event sequence numbers its relay acknowledged per stream,
     and the desired entries it holds (the main process checks their
@@ -190,6 +192,11 @@ class _Worker:
             case "skew":
                 for i in request[1]:
                     self.devices[i].clock.offset_ms = int(request[2])
+                return None
+            case "disk":
+                await asyncio.gather(
+                    *(self.devices[i].set_disk_full(request[2]) for i in request[1])
+                )
                 return None
             case "garbage":
                 await asyncio.gather(

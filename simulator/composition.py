@@ -421,6 +421,7 @@ class SimDevice:
         driver: its simulated runtime (shared across restarts of the agent).
         clock: its wall clock (shared across restarts, as a device's RTC is).
         agent: the running agent, or ``None`` while stopped.
+        disk_full: a ``fill_disk`` fault is in force (its journal cannot grow).
     """
 
     setup: DeviceSetup
@@ -429,6 +430,7 @@ class SimDevice:
     clock: SkewedClock = field(default_factory=SkewedClock)
     agent: Agent | None = None
     starts: int = field(default=0)
+    disk_full: bool = False
 
     @classmethod
     async def load(cls, setup: DeviceSetup) -> SimDevice:
@@ -455,6 +457,19 @@ class SimDevice:
         await agent.__aenter__()
         self.agent = agent
         self.starts += 1
+        if self.disk_full:
+            await agent.journal.freeze_size(True)
+
+    async def set_disk_full(self, full: bool) -> None:
+        """Start or end a full disk (``fill_disk``): the agent's journal cannot grow.
+
+        A real full disk would be the host's; the journal's file is frozen at its
+        size instead (:meth:`~edge_agent.journal.Journal.freeze_size`), and stays
+        so across a restart of the agent while the fault lasts.
+        """
+        self.disk_full = full
+        if self.agent is not None:
+            await self.agent.journal.freeze_size(full)
 
     async def stop(self) -> None:
         """Stop the agent (its journal stays: a restart resumes from it)."""

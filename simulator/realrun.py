@@ -24,9 +24,8 @@ clock_skew         the device's agent reads a wall clock whose offset the worker
                    (:class:`~simulator.composition.SkewedClock`), then sets back
 garbage            the device's broker account publishes random bytes on its upstream
                    topic from a second connection (the agent's own goes on)
-fill_disk          not simulated with real processes (recorded as a failed action): the
-                   agent's journal has no full-disk path yet; ``--deterministic``
-                   models it
+fill_disk          the agent's journal file may not grow (``Journal.freeze_size``):
+                   writes needing space fail as on a full disk, the agent carries on
 =================  ====================================================================
 
 Invariants (:mod:`simulator.invariants`), fed from what the run saw:
@@ -54,6 +53,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -266,6 +266,7 @@ class _Target:
         self.workers = workers
         self.down_devices: set[str] = set()
         self.skewed_devices: set[str] = set()
+        self.full_disks: set[str] = set()
 
     async def apply(self, action: Action) -> None:
         match action.kind:
@@ -301,6 +302,11 @@ class _Target:
                 (self.skewed_devices.add if offset else self.skewed_devices.discard)(device)
             case "garbage":
                 await self.workers.to_devices("garbage", [action.device or ""])
+            case "fill_disk" | "free_disk":
+                device = action.device or ""
+                full = action.kind == "fill_disk"
+                await self.workers.to_devices("disk", [device], full)
+                (self.full_disks.add if full else self.full_disks.discard)(device)
             case _:
                 raise NotImplementedError(
                     f"{action.kind} is not simulated with real processes (see --deterministic)"
@@ -321,6 +327,9 @@ class _Target:
         if self.skewed_devices:
             await self.workers.to_devices("skew", sorted(self.skewed_devices), 0)
             self.skewed_devices.clear()
+        if self.full_disks:
+            await self.workers.to_devices("disk", sorted(self.full_disks), False)
+            self.full_disks.clear()
 
 
 # -- sampling ------------------------------------------------------------------------
@@ -747,10 +756,12 @@ async def _finish(  # noqa: PLR0917 - private, called once
         "invariants_ok": report.ok,
     }
     final["diagnostics"] = _diagnostics(stack)
-    # Messages the relays refused from devices (garbage, forged or skewed bytes).
-    final["relay_rejected"] = sum(
-        sum((r["rejected"] or {}).values()) for r in final["diagnostics"]["relays"].values()
-    )
+    # Messages the relays refused from devices, by reason, over every relay
+    # (``garbage``: not an envelope; ``incoming_queue_full``: overload).
+    rejected: Counter[str] = Counter()
+    for r in final["diagnostics"]["relays"].values():
+        rejected.update(r["rejected"] or {})
+    final["relay_rejected"] = dict(sorted(rejected.items()))
     _say(out, report.summary())
     if report.lags:
         shown = "; ".join(
@@ -764,6 +775,9 @@ async def _finish(  # noqa: PLR0917 - private, called once
         if a.error:
             _say(out, f"  fault action {a.action.kind} at {a.at_s:.1f} s not applied: {a.error}")
     _say(out, final_table(final.items()))
+    if final["relay_rejected"]:
+        shown = " ".join(f"{k}={v:,}" for k, v in final["relay_rejected"].items())
+        _say(out, f"relays refused from devices: {shown}")
     if not report.ok:
         _say(out, f"diagnostics: {final['diagnostics']}")
     run_report = builder.build(lags=report.lags, final=final, invariants=report)

@@ -365,3 +365,18 @@ def test_disk_full_fails_the_write_and_the_journal_recovers(tmp_path: Path) -> N
             assert j.stats().event_bytes < 1000
 
     run(main)
+
+
+def test_freeze_size_fails_writes_as_a_full_disk_until_thawed(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with Journal.open(tmp_path / "j.db", quota_bytes=QUOTA) as j:
+            await j.append_events("s", [ev(b"before")])
+            await j.freeze_size(True)
+            with pytest.raises(JournalWriteError, match="full"):
+                await j.append_events("s", [ev(bytes(200_000))])
+            await j.freeze_size(False)
+            assert await j.append_events("s", [ev(b"after")]) == [2]
+            events = await j.read_events("s")
+            assert [e.payload for e in events] == [b"before", b"after"]
+
+    run(main)

@@ -56,19 +56,12 @@ async def test_a_write_the_full_disk_refuses_changes_nothing(tmp_path: Path) -> 
         state = DeviceState(replica, journal, DEVICE, None)
         await state.write_local("override/web", {"action": "stop"})
         before = (state.scope.to_wire(), await journal.read_state(state.scope_name))
-        writer = journal._writer
-        assert writer is not None
-        writer.pause()  # idle writer thread: its connection may be touched
-        (pages,) = writer.conn.execute("PRAGMA page_count").fetchone()
-        writer.conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
-        writer.resume()
+        await journal.freeze_size(True)  # the disk is full
         with pytest.raises(JournalWriteError, match="full"):
             await state.write_local("override/web", {"action": "start" * 10_000})
         assert (state.scope.to_wire(), await journal.read_state(state.scope_name)) == before
         assert state.overrides() == {"web": "stop"}
-        writer.pause()
-        writer.conn.execute("PRAGMA max_page_count = 1073741823")  # space again
-        writer.resume()
+        await journal.freeze_size(False)  # space again
         delta = await state.write_local("override/web", {"action": "start"})
         # The next dot, neither skipped nor reused.
         assert [(e[2], e[3]) for e in delta.entries_wire()] == [(DEVICE, 2)]
