@@ -414,7 +414,8 @@ def test_a_peer_clock_far_ahead_is_merged_but_never_drags_ours() -> None:
     out = sa.receive(data)
     # Merged with the writer's own timestamp and acknowledged: a device whose
     # clock jumped ahead is not shut out until real time catches up.
-    assert sa.replica.scope(SCOPE).entry("k")[0] == FAR_AHEAD
+    entry = sa.replica.scope(SCOPE).entry("k")
+    assert entry is not None and entry[0] == FAR_AHEAD
     assert [decode_envelope_unverified(m).type for m in out] == ["ACK"]
     # The envelope's and the entry's timestamps were both clamped, and counted.
     assert sa.stats.clock_skew == 2
