@@ -311,6 +311,9 @@ class Agent(Service):
                 "dropped_metrics": j.dropped_metrics,
                 "refused_metrics": j.refused_metrics,
                 "quarantined": str(self.journal.quarantined_path or ""),
+                # Workload transitions the journal refused (a full disk); each is
+                # reported again once it takes writes.
+                "unrecorded_transitions": self.supervisor.unrecorded,
             },
         }
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from edge_agent._exceptions import AgentError
 from edge_agent._supervisor_plan import BackoffPolicy, Decision, WorkloadRecord, decide
 from edge_agent.config import SupervisorSettings
 from edge_agent.drivers import ActualState, DriverError, WorkloadDriver
@@ -91,7 +92,11 @@ class Supervisor:
         self._records: dict[str, WorkloadRecord] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._unrecorded: set[str] = set()
         self.passes = 0
+        self.unrecorded = 0
+        """Transitions the sink refused (counted; each workload's status is
+        reported again at the next pass until one is recorded)."""
 
     def notify(self) -> None:
         """Ask for a reconcile pass as soon as possible (desired state changed)."""
@@ -155,6 +160,7 @@ class Supervisor:
                     rec = self._records.pop(name)
                     log.info("workload %s removed from desired state", name)
                     await self._emit(rec, rec.phase, "stopped", "removed: no longer desired")
+            await self._report_unrecorded()
 
     async def _remove(self, driver_name: str, name: str) -> None:
         try:
@@ -305,5 +311,34 @@ class Supervisor:
         log.info("workload %s: %s -> %s %s", rec.name, before, after, reason)
         try:
             await self._sink.on_transition(self._status(rec, after, reason), before)
-        except Exception:  # the sink is the journal: log, keep supervising
+        except AgentError as exc:  # the journal refused it (a full disk): keep supervising
+            self.unrecorded += 1
+            if rec.name not in self._unrecorded:
+                log.warning(
+                    "workload %s: transition to %s not recorded (%s); reported again once "
+                    "the journal takes writes",
+                    rec.name,
+                    after,
+                    exc,
+                )
+            self._unrecorded.add(rec.name)
+        except Exception:  # a bug in the sink: log it, keep supervising
+            self.unrecorded += 1
+            self._unrecorded.add(rec.name)
             log.exception("cannot record transition of %s", rec.name)
+        else:
+            self._unrecorded.discard(rec.name)
+
+    async def _report_unrecorded(self) -> None:
+        """Report again the status of workloads whose last transition was not recorded.
+
+        Without this a workload that went on running after its ``starting ->
+        running`` failed to reach the journal would be reported as starting for
+        as long as it runs.
+        """
+        for name in sorted(self._unrecorded):
+            rec = self._records.get(name)
+            if rec is None:
+                self._unrecorded.discard(name)
+                continue
+            await self._emit(rec, rec.phase, rec.phase, rec.reason)

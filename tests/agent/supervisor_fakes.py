@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from edge_agent._journal_errors import JournalWriteError
 from edge_agent.supervisor import OverrideAction, RejectedSpec
 from sync.models import WorkloadPhase, WorkloadSpec, WorkloadStatus
 
@@ -28,8 +29,12 @@ class Sink:
 
     def __init__(self) -> None:
         self.transitions: list[tuple[WorkloadStatus, WorkloadPhase | None]] = []
+        self.full = False
+        """Refuse every transition, as the journal does on a full disk."""
 
     async def on_transition(self, status: WorkloadStatus, previous: WorkloadPhase | None) -> None:
+        if self.full:
+            raise JournalWriteError("write failed: database or disk is full", path="journal.db")
         self.transitions.append((status, previous))
 
     def phases(self, name: str) -> list[WorkloadPhase]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 from pathlib import Path
@@ -235,6 +236,35 @@ async def test_supervises_real_processes(tmp_path: Path) -> None:
                 await task
     assert sink.phases("crashy")[-1] == "failed"
     assert "rejected" in sink.phases("bad")
+
+
+async def test_transitions_the_journal_refused_are_reported_once_it_takes_writes(
+    tmp_path: Path,
+) -> None:
+    """A full disk refuses the ``starting -> running`` record: the workload runs
+    on, and its status is reported at the first pass after space comes back
+    (else it would read ``starting`` for as long as it runs)."""
+    view, sink = View(), Sink()
+    sink.full = True
+    async with ProcessDriver("agent-t", tmp_path / "logs") as driver:
+        sup = Supervisor({"process": driver}, view, sink, settings=SETTINGS, rng=random.Random(0))
+        view.specs["good"] = spec("good", "import time; time.sleep(600)")
+        task = asyncio.create_task(sup.run())
+        try:
+            await wait_until(lambda: sup.record("good") is not None and sup.unrecorded >= 3)
+            assert rec(sup, "good").phase == "running"
+            assert (await driver.inspect("good")).phase == "running"
+            assert sink.transitions == []
+            sink.full = False
+            await wait_until(lambda: sink.phases("good") == ["running"])
+            unrecorded = sup.unrecorded
+            await asyncio.sleep(0.3)  # several passes: recorded once, not again
+            assert sink.phases("good") == ["running"]
+            assert sup.unrecorded == unrecorded
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def test_failing_health_check_restarts_the_workload(tmp_path: Path) -> None:
