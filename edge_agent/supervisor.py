@@ -311,9 +311,11 @@ class Supervisor:
         log.info("workload %s: %s -> %s %s", rec.name, before, after, reason)
         try:
             await self._sink.on_transition(self._status(rec, after, reason), before)
-        except AgentError as exc:  # the journal refused it (a full disk): keep supervising
+        except Exception as exc:  # count it, keep supervising, report it again later
             self.unrecorded += 1
-            if rec.name not in self._unrecorded:
+            if not isinstance(exc, AgentError):  # not the journal refusing: a bug
+                log.exception("cannot record transition of %s", rec.name)
+            elif rec.name not in self._unrecorded:  # a full disk: once per workload
                 log.warning(
                     "workload %s: transition to %s not recorded (%s); reported again once "
                     "the journal takes writes",
@@ -322,10 +324,6 @@ class Supervisor:
                     exc,
                 )
             self._unrecorded.add(rec.name)
-        except Exception:  # a bug in the sink: log it, keep supervising
-            self.unrecorded += 1
-            self._unrecorded.add(rec.name)
-            log.exception("cannot record transition of %s", rec.name)
         else:
             self._unrecorded.discard(rec.name)
 

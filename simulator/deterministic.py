@@ -668,6 +668,7 @@ class DeterministicSim:
         )
         split_devices = {s.split("/", 1)[1] for s in self._split}
         online = self._online()
+        outbox = sum(len(r.outbox) for r in self.relays.values())
         self.builder.record(
             t,
             devices_online=online,
@@ -675,7 +676,7 @@ class DeterministicSim:
             split_scopes=len(self._split),
             msgs_per_s=(delivered - last_delivered) / dt,
             lost_per_s=(lost - last_lost) / dt,
-            outbox_items=sum(len(r.outbox) for r in self.relays.values()),
+            outbox_items=outbox,
             device_events_pending=self._pending_events(),
         )
         self._last_sample = (self.now, delivered, lost)
@@ -689,8 +690,7 @@ class DeterministicSim:
                     len(self.devices) - len(split_devices),
                     (delivered - last_delivered) / dt,
                     "msg",
-                    f"outbox {sum(len(r.outbox) for r in self.relays.values())}  "
-                    f"events stored {len(self.hub.stored):,}",
+                    f"outbox {outbox}  events stored {len(self.hub.stored):,}",
                 )
             )
 

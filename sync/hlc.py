@@ -219,17 +219,3 @@ class HybridLogicalClock:
         """
         _check_ts(own_ts)
         self._last = max(self._last, own_ts)
-
-    def check(self, remote_ts: int) -> None:
-        """Validate a remote timestamp against the skew bound without consuming it.
-
-        Raises:
-            ClockSkewError: as for :meth:`update` (and counted).
-            CrdtError: ``remote_ts`` is not a valid packed timestamp.
-        """
-        _check_ts(remote_ts)
-        physical = self._physical()
-        remote_ms = remote_ts >> COUNTER_BITS
-        if remote_ms - physical > self.max_skew_ms:
-            self.skew_rejections += 1
-            raise ClockSkewError(remote_ms, physical, self.max_skew_ms)
