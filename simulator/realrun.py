@@ -308,9 +308,8 @@ class _Target:
                 await self.workers.to_devices("disk", [device], full)
                 (self.full_disks.add if full else self.full_disks.discard)(device)
             case _:
-                raise NotImplementedError(
-                    f"{action.kind} is not simulated with real processes (see --deterministic)"
-                )
+                # Every kind FaultTimeline makes is handled above.
+                raise NotImplementedError(f"unknown fault action {action.kind!r}")
 
     async def heal_everything(self) -> None:
         """End every disruption still in force (the run is over)."""
