@@ -10,8 +10,9 @@ The public names are imported lazily so that ``novacron --help``, which imports
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from novacron._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from firmware_profiles._loader import (
@@ -67,15 +68,4 @@ _HOMES = {
     "profile_names": "firmware_profiles._loader",
 }
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)

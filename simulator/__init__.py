@@ -6,8 +6,9 @@ Public names are imported lazily so that ``novacron --help``, which imports
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from novacron._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from simulator._errors import SimulatorError
@@ -117,15 +118,4 @@ _HOMES = {
     "run_swarm": "simulator.swarm",
 }
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)
