@@ -27,7 +27,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal, ParamSpec, Protocol, Self, TypeVar, runtime_checkable
 
 from sync.models import WorkloadPhase, WorkloadSpec, WorkloadStatus
@@ -239,18 +239,34 @@ def vcpus_for(cpu_millis: int) -> int:
     return max(1, math.ceil(cpu_millis / 1000))
 
 
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    version: str | None
+    reason: str
+    at: datetime
+
+
 class DriverBase:
-    """Shared by the drivers: ``async with driver:`` closes it, and one lock per
-    workload name serialises operations on that workload."""
+    """Shared by the drivers: ``async with driver:`` closes it, one lock per
+    workload name serialises operations on that workload, and a workload the
+    runtime refused to create or start is remembered (its reason, when) and
+    reported ``failed`` by :meth:`_failed_state` and :meth:`_with_failures`
+    until it is applied, started or removed."""
 
     def __init__(self) -> None:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._failures: dict[str, _Failure] = {}
 
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    @property
+    def name(self) -> str:  # pragma: no cover - overridden
+        """The driver name."""
+        raise NotImplementedError
 
     async def aclose(self) -> None:  # pragma: no cover - overridden
         """Release what the driver holds."""
@@ -261,3 +277,36 @@ class DriverBase:
             lock = asyncio.Lock()
             self._locks[name] = lock
         return lock
+
+    def _note_failure(self, name: str, version: str | None, reason: str) -> None:
+        """Remember that ``name`` could not be created or started, and why."""
+        self._failures[name] = _Failure(version, reason, datetime.now(UTC))
+
+    def _clear_failure(self, name: str) -> None:
+        self._failures.pop(name, None)
+
+    def _failed_state(self, name: str, seen: ActualState | None = None) -> ActualState | None:
+        """``name`` as ``failed`` if a failure is remembered (``seen``: what the
+        runtime shows of it, for its version, start time and id), else ``None``."""
+        failure = self._failures.get(name)
+        return None if failure is None else self._as_failed(name, failure, seen)
+
+    def _with_failures(self, states: list[ActualState]) -> list[ActualState]:
+        """What the runtime lists, plus the remembered failures it does not, by name."""
+        by_name = {s.name: s for s in states}
+        for name, failure in self._failures.items():
+            if name not in by_name:
+                by_name[name] = self._as_failed(name, failure, None)
+        return [by_name[name] for name in sorted(by_name)]
+
+    def _as_failed(self, name: str, failure: _Failure, seen: ActualState | None) -> ActualState:
+        return ActualState(
+            name=name,
+            driver=self.name,
+            phase="failed",
+            version=failure.version or (seen.version if seen is not None else None),
+            reason=failure.reason,
+            started_at=seen.started_at if seen is not None else None,
+            finished_at=failure.at,
+            runtime_id=seen.runtime_id if seen is not None else "",
+        )

@@ -109,7 +109,6 @@ class LibvirtDriver(DriverBase):
         self._module: Any = None
         self._conn: Any = None
         self._started: dict[str, datetime] = {}
-        self._failures: dict[str, tuple[str, str, datetime]] = {}
 
     @property
     def name(self) -> str:
@@ -144,9 +143,9 @@ class LibvirtDriver(DriverBase):
             try:
                 handle = await self._apply(spec)
             except WorkloadStartError as exc:
-                self._failures[spec.name] = (spec.version, exc.reason, _now())
+                self._note_failure(spec.name, spec.version, exc.reason)
                 raise
-            self._failures.pop(spec.name, None)
+            self._clear_failure(spec.name)
             return handle
 
     async def stop(self, name: str) -> None:
@@ -179,7 +178,7 @@ class LibvirtDriver(DriverBase):
             WorkloadConflictError: the domain is not owned by this agent.
         """
         async with self._lock(name):
-            self._failures.pop(name, None)
+            self._clear_failure(name)
             domain = await self._call(name, self._lookup_sync, name)
             if domain is None:
                 return
@@ -193,16 +192,13 @@ class LibvirtDriver(DriverBase):
     async def inspect(self, name: str) -> ActualState:
         """Observe one domain (``conflict`` when it is not owned)."""
         state = await self._call(name, self._inspect_sync, name)
-        if state.phase == "missing" and (failure := self._failures.get(name)) is not None:
-            return self._failed(name, failure)
+        if state.phase == "missing":
+            return self._failed_state(name) or state
         return state
 
     async def list(self) -> list[ActualState]:
         """Observe every domain this agent owns, plus workloads that failed to define."""
-        states = {s.name: s for s in await self._call("", self._list_sync)}
-        for name, failure in self._failures.items():
-            states.setdefault(name, self._failed(name, failure))
-        return [states[name] for name in sorted(states)]
+        return self._with_failures(await self._call("", self._list_sync))
 
     # -- async plumbing ----------------------------------------------------------
 
@@ -281,17 +277,6 @@ class LibvirtDriver(DriverBase):
     def _handle(self, spec: WorkloadSpec, uuid: str, *, created: bool) -> WorkloadHandle:
         return WorkloadHandle(
             name=spec.name, driver=self.name, runtime_id=uuid, version=spec.version, created=created
-        )
-
-    def _failed(self, name: str, failure: tuple[str, str, datetime]) -> ActualState:
-        version, reason, at = failure
-        return ActualState(
-            name=name,
-            driver=self.name,
-            phase="failed",
-            version=version,
-            reason=reason,
-            finished_at=at,
         )
 
     # -- domain XML (pure) ---------------------------------------------------------

@@ -32,7 +32,6 @@ import socket
 import threading
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -77,13 +76,6 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    version: str | None
-    reason: str
-    at: datetime
-
-
 class PodmanDriver(DriverBase):
     """Runs workloads as Podman containers owned by one agent.
 
@@ -118,7 +110,6 @@ class PodmanDriver(DriverBase):
         self._runner = BlockingRunner(max_concurrency)
         self._client: podman.PodmanClient | None = None
         self._client_lock = threading.Lock()
-        self._failures: dict[str, _Failure] = {}
 
     @property
     def name(self) -> str:
@@ -154,9 +145,9 @@ class PodmanDriver(DriverBase):
             try:
                 handle = await self._call(spec.name, self._apply_sync, spec)
             except WorkloadStartError as exc:
-                self._failures[spec.name] = _Failure(spec.version, exc.reason, _now())
+                self._note_failure(spec.name, spec.version, exc.reason)
                 raise
-            self._failures.pop(spec.name, None)
+            self._clear_failure(spec.name)
             return handle
 
     async def stop(self, name: str) -> None:
@@ -181,9 +172,9 @@ class PodmanDriver(DriverBase):
             try:
                 await self._call(name, self._start_sync, name)
             except WorkloadStartError as exc:
-                self._failures[name] = _Failure(None, exc.reason, _now())
+                self._note_failure(name, None, exc.reason)
                 raise
-            self._failures.pop(name, None)
+            self._clear_failure(name)
 
     async def remove(self, name: str) -> None:
         """Stop and delete an owned container; no-op when missing.
@@ -193,22 +184,18 @@ class PodmanDriver(DriverBase):
         """
         async with self._lock(name):
             await self._call(name, self._remove_sync, name)
-            self._failures.pop(name, None)
+            self._clear_failure(name)
 
     async def inspect(self, name: str) -> ActualState:
         """Observe one container (``conflict`` when it is not owned)."""
         state = await self._call(name, self._inspect_sync, name)
-        failure = self._failures.get(name)
-        if failure is not None and state.phase in ("missing", "exited"):
-            return self._failed(name, failure, state)
+        if state.phase in ("missing", "exited"):
+            return self._failed_state(name, state) or state
         return state
 
     async def list(self) -> list[ActualState]:
         """Observe every container this agent owns, plus workloads that failed to create."""
-        states = {s.name: s for s in await self._call("", self._list_sync)}
-        for name, failure in self._failures.items():
-            states.setdefault(name, self._failed(name, failure))
-        return [states[name] for name in sorted(states)]
+        return self._with_failures(await self._call("", self._list_sync))
 
     # -- async plumbing ----------------------------------------------------------
 
@@ -234,18 +221,6 @@ class PodmanDriver(DriverBase):
             raise DriverUnavailableError(
                 f"podman API at {self.url} unreachable: {exc}", driver=self.name, workload=workload
             ) from exc
-
-    def _failed(self, name: str, failure: _Failure, seen: ActualState | None = None) -> ActualState:
-        return ActualState(
-            name=name,
-            driver=self.name,
-            phase="failed",
-            version=failure.version or (seen.version if seen is not None else None),
-            reason=failure.reason,
-            started_at=seen.started_at if seen is not None else None,
-            finished_at=failure.at,
-            runtime_id=seen.runtime_id if seen is not None else "",
-        )
 
     # -- blocking helpers (run in worker threads) -------------------------------
 
