@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent._service import cancel_until_done
+
+if TYPE_CHECKING:
+    import aiomqtt
+
+    from sync.protocol import SyncSession
 
 
 async def wait_until(predicate: Callable[[], bool], *, within: float = 20.0) -> None:
@@ -47,3 +52,38 @@ async def running(coro: Coroutine[Any, Any, Any]) -> AsyncIterator[asyncio.Task[
         failure = None if task.cancelled() else task.exception()
         if failure is not None:
             raise failure
+
+
+async def serve_session(
+    client: aiomqtt.Client,
+    session: SyncSession,
+    down: str,
+    *,
+    take_pending: Callable[[], list[bytes]],
+    handle: Callable[[bytes], list[bytes]],
+    tick_s: float = 0.1,
+) -> None:
+    """Play the upstream end of ``session`` on ``client`` until cancelled.
+
+    Sends the session's HELLO, then its timer output every ``tick_s`` together
+    with what ``take_pending`` hands over (local updates made meanwhile), and
+    ``handle``'s replies to each message ``client`` receives; everything goes
+    to ``down`` at QoS 1. The caller has subscribed ``client`` to the uplink.
+    """
+
+    async def send(out: list[bytes]) -> None:
+        for data in out:
+            await client.publish(down, data, qos=1)
+
+    async def ticker() -> None:
+        while True:
+            await send(take_pending() + session.tick())
+            await asyncio.sleep(tick_s)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(ticker())
+        await send(session.start())
+        async for message in client.messages:
+            payload = message.payload
+            assert isinstance(payload, bytes)
+            await send(handle(payload))

@@ -23,6 +23,7 @@ from sync.models import WorkloadSpec
 from sync.protocol import Replica, SyncSession
 from sync.signed import signed_write
 from sync.topics import device_topic
+from tests.helpers import serve_session
 
 REGION = "eu-test"
 
@@ -143,21 +144,14 @@ class RelayPeer:
             self.session = session
             self.connected.set()
 
-            async def send(out: list[bytes]) -> None:
-                for data in out:
-                    await client.publish(down, data, qos=1)
+            def handle(payload: bytes) -> list[bytes]:
+                self.received.append(payload)
+                return session.receive(payload)
 
-            async def ticker() -> None:
-                while True:
-                    out, self._pending = self._pending, []
-                    await send(out + session.tick())
-                    await asyncio.sleep(0.1)
+            await serve_session(
+                client, session, down, take_pending=self._take_pending, handle=handle
+            )
 
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(ticker())
-                await send(session.start())
-                async for message in client.messages:
-                    payload = message.payload
-                    assert isinstance(payload, bytes)
-                    self.received.append(payload)
-                    await send(session.receive(payload))
+    def _take_pending(self) -> list[bytes]:
+        out, self._pending = self._pending, []
+        return out

@@ -36,6 +36,7 @@ from sync.replica import Replica
 from sync.signed import signed_write
 from sync.topics import hub_topic
 from tests.fixtures_mqtt import MosquittoBroker, relay_broker
+from tests.helpers import serve_session
 
 REGION = "north"
 RELAY_PASSWORD = "relay-secret"
@@ -202,26 +203,18 @@ class HubSink:
             self.session = session
             self.connected.set()
 
-            async def send(out: list[bytes]) -> None:
-                for data in out:
-                    await client.publish(down, data, qos=1)
+            def handle(payload: bytes) -> list[bytes]:
+                if decode_envelope_unverified(payload).type == BATCH:
+                    return self._ingest(payload)
+                return session.receive(payload)
 
-            async def ticker() -> None:
-                while True:
-                    out, self._pending = self._pending, []
-                    await send(out + session.tick())
-                    await asyncio.sleep(0.1)
+            await serve_session(
+                client, session, down, take_pending=self._take_pending, handle=handle
+            )
 
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(ticker())
-                await send(session.start())
-                async for message in client.messages:
-                    payload = message.payload
-                    assert isinstance(payload, bytes)
-                    if decode_envelope_unverified(payload).type == BATCH:
-                        await send(self._ingest(payload))
-                    else:
-                        await send(session.receive(payload))
+    def _take_pending(self) -> list[bytes]:
+        out, self._pending = self._pending, []
+        return out
 
     def _ingest(self, data: bytes) -> list[bytes]:
         """What the hub does with a batch: :class:`BatchIngestor` verifies, dedupes
