@@ -623,6 +623,7 @@ async def _live(  # noqa: PLR0917 - private, called once
     async def sampling(until: float | None, stop_when_converged: bool) -> None:
         while True:
             s = await sampler.sample()
+            rate = sampler.ingest_rate()  # once: a second call measures ~0 s
             builder.record(
                 s.t,
                 devices_online=s.online,
@@ -630,7 +631,7 @@ async def _live(  # noqa: PLR0917 - private, called once
                 agents_running=s.running_agents,
                 split_scopes=s.split,
                 outbox_depth=s.outbox,
-                events_ingested_per_s=sampler.ingest_rate(),
+                events_ingested_per_s=rate,
             )
             display.update(
                 Progress(
@@ -639,7 +640,7 @@ async def _live(  # noqa: PLR0917 - private, called once
                     len(devices),
                     s.online,
                     s.converged,
-                    sampler.ingest_rate(),
+                    rate,
                     "event",
                     f"agents {s.running_agents}  relays up {s.relays_up}/{len(regions)}  "
                     f"outbox {s.outbox}  hub queue {s.hub_queue}  "
