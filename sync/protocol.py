@@ -103,7 +103,13 @@ from sync._chunks import Chunk, entry_dots, pack_chunks, plan_chunks, split_vect
 from sync._exceptions import CrdtError, OversizeError, ProtocolError
 from sync.crdt import LwwMap, validate_entries
 from sync.dots import VersionVector
-from sync.envelope import decode_envelope, encode_envelope, packb
+from sync.envelope import (
+    Envelope,
+    decode_envelope_unverified,
+    encode_envelope,
+    packb,
+    verify_envelope,
+)
 from sync.hlc import Clock
 from sync.keys import KeyRing, Signer
 from sync.replica import EventStream, InboundStream, Replica
@@ -383,7 +389,22 @@ class SyncSession:
 
         On any error the session and the replica are unchanged.
         """
-        env = decode_envelope(data, self._keyring)
+        return self.receive_envelope(decode_envelope_unverified(data))
+
+    def receive_envelope(self, env: Envelope) -> list[bytes]:
+        """:meth:`receive` of an envelope the caller already decoded, unverified.
+
+        For a caller that peeked at the envelope to route it
+        (:func:`~sync.envelope.decode_envelope_unverified`): nothing of it is
+        trusted; its signature is checked here as in :meth:`receive`, before
+        the body is decoded.
+
+        Raises:
+            WireError: a bad signature or unknown key.
+            ProtocolError: a well-formed message that breaks the protocol.
+            CrdtError: a malformed delta, snapshot or vector.
+        """
+        verify_envelope(env, self._keyring)
         if env.src != self.peer_id:
             raise ProtocolError(f"envelope from {env.src!r}, expected {self.peer_id!r}")
         body = env.decode_body()
