@@ -55,7 +55,7 @@ class VersionVector:
 
     def __init__(self, maxes: Mapping[str, int] | None = None) -> None:
         """Create a vector holding, per origin, every counter ``1..maxes[origin]``."""
-        self._max: dict[str, int] = {o: m for o, m in (maxes or {}).items() if m > 0}
+        self._max: dict[str, int] = {o: m for o, m in maxes.items() if m > 0} if maxes else {}
         self._extra: dict[str, set[int]] = {}
         self._gen = 0
 

@@ -140,6 +140,7 @@ _MAX_NAME_LEN = 256
 _MAX_SEEN = 4096  # out-of-order seqs remembered before a gap is declared at once
 _CONTEXT = attrgetter("context")
 _GENERATION = attrgetter("_gen")  # VersionVector.generation, read in C by map()
+_FEW_SCOPES = 8  # up to this many, a plain loop is cheaper than the map() pipeline
 
 
 @dataclass
@@ -401,8 +402,8 @@ class SyncSession:
             self._ae_known = [None] * n
             self._ae_ctx = [None] * n
             self._ae_gen = [-1] * n
-        if not order:
-            return []
+        if len(order) <= _FEW_SCOPES:
+            return self._lagging_scopes_few(order)
         maps = list(map(self.replica.scopes.get, order))
         if any(map(is_, maps, repeat(None))):
             # Scope not in the replica yet: made on first look, as below.
@@ -434,6 +435,33 @@ class SyncSession:
                 self._ae_gen[i] = gens[i]
             else:
                 lagging.append(order[i])
+        return lagging
+
+    def _lagging_scopes_few(self, order: list[str]) -> list[str]:
+        """:meth:`_lagging_scopes` for a device's few scopes: the same test, a plain loop."""
+        scopes = self.replica.scopes
+        lagging: list[str] = []
+        busy: set[str | None] | None = None
+        for i, sc in enumerate(order):
+            known = self.peer_vv.get(sc)
+            if known is None:
+                continue
+            state = scopes.get(sc)
+            if state is None:
+                return self._lagging_scopes_slow(order)
+            ctx = state.context
+            if known is self._ae_known[i] and ctx is self._ae_ctx[i] and ctx._gen == self._ae_gen[i]:  # noqa: SLF001
+                continue
+            if busy is None:
+                busy = {p.scope for p in self._unacked.values()}
+            if sc in busy:
+                continue
+            if known.dominates(ctx):
+                self._ae_known[i] = known
+                self._ae_ctx[i] = ctx
+                self._ae_gen[i] = ctx._gen  # noqa: SLF001
+            else:
+                lagging.append(sc)
         return lagging
 
     def _lagging_scopes_slow(self, order: list[str]) -> list[str]:
@@ -776,7 +804,9 @@ class SyncSession:
             n = self.replica.scope(scope).apply_entries(entries, ctx)
             self.stats.deltas_applied += n
             # The peer sent these dots, so it has them: never echo them back.
-            known = self.peer_vv.setdefault(scope, VersionVector())
+            known = self.peer_vv.get(scope)
+            if known is None:
+                known = self.peer_vv[scope] = VersionVector()
             known.merge(entry_dots(entries))
             if ctx is not None:
                 known.merge(ctx)
@@ -876,7 +906,9 @@ class SyncSession:
                 self._unacked.pop(s, None)
             for sc, vv in vvs.items():
                 if sc in self.scopes:
-                    known = self.peer_vv.setdefault(sc, VersionVector())
+                    known = self.peer_vv.get(sc)
+                    if known is None:
+                        known = self.peer_vv[sc] = VersionVector()
                     known.merge(vv)
             for st, cursor in cursors.items():
                 stream = self.replica.streams.get(st)
