@@ -306,29 +306,48 @@ class DeterministicSim:
 
     def send(self, src: str, dst: str, data: bytes) -> None:
         """Put a message on the virtual network (lost if the link is down or by chance)."""
-        self.counters["sent"] += 1
-        if not self.link_ok(src, dst):
-            self.counters["lost_down"] += 1
+        counters = self.counters
+        counters["sent"] += 1
+        # link_ok and _link, inlined: this runs for every message.
+        device = self.devices.get(src) or self.devices.get(dst)
+        if device is None:
+            ok = self.link_ok(src, dst)
+            link = self._hub_link
+        else:
+            region = device.region
+            ok = self.dev_up[device.id] and self.region_broker_up[region] and self.relay_up[region]
+            link = self._links[device.profile]
+        if not ok:
+            counters["lost_down"] += 1
             return
-        link = self._link(src, dst)
-        if link.loss and self.net_rng.random() < link.loss:
-            self.counters["lost_random"] += 1
+        rng = self.net_rng
+        if link.loss and rng.random() < link.loss:
+            counters["lost_random"] += 1
             return
-        delay = link.latency_ms + link.jitter_ms * self.net_rng.random()
-        self._at(self.now + max(1, round(delay)), self._deliver, (src, dst, data))
+        delay = link.latency_ms + link.jitter_ms * rng.random()
+        self._seq += 1
+        heapq.heappush(
+            self._heap,
+            (self.now + max(1, round(delay)), self._seq, self._deliver, (src, dst, data, device)),
+        )
 
-    def _deliver(self, msg: tuple[str, str, bytes]) -> None:
-        src, dst, data = msg
-        if not self.link_ok(src, dst):
+    def _deliver(self, msg: tuple[str, str, bytes, SimDevice | None]) -> None:
+        src, dst, data, device = msg
+        if device is None:
+            ok = self.link_ok(src, dst)
+        else:
+            region = device.region
+            ok = self.dev_up[device.id] and self.region_broker_up[region] and self.relay_up[region]
+        if not ok:
             self.counters["lost_in_flight"] += 1
             return
         self.counters["delivered"] += 1
         if dst == HUB:
             self.hub.receive(src, data)
-        elif dst in self.relays:
-            self.relays[dst].receive(src, data)
+        elif device is not None and dst == device.id:
+            device.receive(data)
         else:
-            self.devices[dst].receive(data)
+            self.relays[dst].receive(src, data)
 
     def wake(self, node: str, peer: str) -> None:
         """Schedule a timer tick of ``node``'s session with ``peer``.
