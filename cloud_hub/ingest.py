@@ -557,10 +557,12 @@ class BatchIngestor:
 
     @staticmethod
     def _check_origins(device: str, entries: list[list[Any]], *vectors: VersionVector) -> None:
-        if any(e[2] != device for e in entries) or any(
-            origin != device for vv in vectors for origin in vv.origins()
-        ):
-            raise _ItemRejectedError("foreign_origin", "an entry or dot of another origin")
+        for e in entries:
+            if e[2] != device:
+                raise _ItemRejectedError("foreign_origin", "an entry or dot of another origin")
+        for vv in vectors:
+            if any(origin != device for origin in vv.origins()):
+                raise _ItemRejectedError("foreign_origin", "an entry or dot of another origin")
 
     def _deltas(self, device: str, raw: object, result: IngestResult) -> None:
         body = _body(raw, _DELTAS_KEYS)
@@ -575,9 +577,21 @@ class BatchIngestor:
         self._check_origins(device, entries, *(() if ctx is None else (ctx,)))
         state = self.replica.scope(scope)
         before = {e[0]: state.entry(e[0]) for e in entries}
-        seen = state.context.copy()
-        state.apply_entries(entries, ctx)
-        self._record_dots(scope, state, seen, result)
+        if ctx is None:
+            # Without a context the new dots are those of entries not seen yet:
+            # the same as _record_dots's difference, without copying the vector.
+            fresh = VersionVector()
+            for e in entries:
+                if not state.context.contains(e[2], e[3]):
+                    fresh.add_counter(e[2], e[3])
+            state.apply_entries(entries, None)
+            if fresh:
+                result.merged_dots.setdefault(scope, VersionVector()).merge(fresh)
+                self.stats.dots += len(fresh)
+        else:
+            seen = state.context.copy()
+            state.apply_entries(entries, ctx)
+            self._record_dots(scope, state, seen, result)
         self._record_changes(scope, state, before, result)
         self._observe(entries)
 
