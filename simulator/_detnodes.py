@@ -134,7 +134,7 @@ class RecordingSigner(Signer):
     def sign(self, data: bytes) -> bytes:
         """Sign, and remember the signature as verified."""
         sig = self._private_key.sign(data)
-        self._cache.remember((self.public_key_bytes, sig, bytes(data)))
+        self._cache.remember((self.public_key_bytes, sig, data if type(data) is bytes else bytes(data)))
         return sig
 
 
@@ -154,7 +154,11 @@ class CachingKeyRing(KeyRing):
         if cache is None or raw is None:
             super().verify(kid, data, sig)
             return
-        key = (raw, bytes(sig), bytes(data))
+        key = (
+            raw,
+            sig if type(sig) is bytes else bytes(sig),
+            data if type(data) is bytes else bytes(data),
+        )
         if key in cache.seen:
             cache.hits += 1
             return

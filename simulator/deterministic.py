@@ -652,7 +652,8 @@ class DeterministicSim:
 
     def _update_digests(self) -> set[str]:
         touched: set[str] = set()
-        for replica, scope in sorted(self._dirty):
+        # Any order: each digest depends only on its own replica's scope.
+        for replica, scope in self._dirty:
             if scope not in self._digests:
                 continue
             self._digests[scope][replica] = scope_digest(self._replica_map(replica, scope))
