@@ -97,7 +97,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import attrgetter, eq, is_, itemgetter, not_
+from operator import attrgetter, eq, is_, not_
 from typing import Any, ClassVar, cast
 
 from sync._chunks import Chunk, entry_dots, pack_chunks, plan_chunks, split_vector
@@ -593,16 +593,9 @@ class SyncSession:
     def _hello(self, *, reply: bool, backoff: bool = False) -> list[bytes]:
         self._resync = False
         vv = {sc: self.replica.scope(sc).context.to_wire() for sc in sorted(self.scopes)}
-        # Only this peer's streams, sorted after filtering: a relay's inbox holds
-        # every device of its region, and each device session says HELLO.
-        peer = self.peer_id
-        ev = {
-            key[1]: inb.next_seq
-            for key, inb in sorted(
-                [(key, inb) for key, inb in self.replica.inbox.items() if key[0] == peer],
-                key=itemgetter(0),
-            )
-        }
+        # Only this peer's streams (a relay's inbox holds every device of its
+        # region, and each device session says HELLO), sorted by stream.
+        ev = {st: inb.next_seq for st, inb in self.replica.inbound_of(self.peer_id)}
         body = {
             "s": self.session_id,
             "bd": self.bd_seq,
