@@ -737,17 +737,23 @@ class DeterministicSim:
 
     def _run_until(self, end_ms: int, stop: Callable[[], bool] | None = None) -> None:
         heap = self._heap
+        pop = heapq.heappop
         check_every = round(self.config.sample_s * 1000)
         next_check = self.now + check_every
-        while heap and heap[0][0] <= end_ms:
-            t, _, fn, arg = heapq.heappop(heap)
-            self.now = t
-            fn(arg)
-            self.counters["events"] += 1
-            if stop is not None and t >= next_check:
-                next_check = t + check_every
-                if stop():
-                    return
+        n = 0  # events run, added to the counter once (nothing reads it meanwhile)
+        try:
+            while heap and heap[0][0] <= end_ms:
+                t, _, fn, arg = pop(heap)
+                self.now = t
+                fn(arg)
+                n += 1
+                if stop is not None and t >= next_check:
+                    next_check = t + check_every
+                    if stop():
+                        return
+        finally:
+            if n:
+                self.counters["events"] += n
         self.now = max(self.now, end_ms) if stop is None else self.now
 
     def run(self) -> SimResult:

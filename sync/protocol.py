@@ -667,7 +667,8 @@ class SyncSession:
 
     def _upload_events(self) -> list[bytes]:
         out: list[bytes] = []
-        for name in sorted(self.streams):
+        streams = self.streams
+        for name in sorted(streams) if len(streams) > 1 else streams:
             stream = self.replica.streams.get(name)
             if stream is None or self._sent_upto.get(name, 1) >= stream.next_seq:
                 continue  # nothing unsent (read would return no item)
