@@ -134,7 +134,9 @@ class RecordingSigner(Signer):
     def sign(self, data: bytes) -> bytes:
         """Sign, and remember the signature as verified."""
         sig = self._private_key.sign(data)
-        self._cache.remember((self.public_key_bytes, sig, data if type(data) is bytes else bytes(data)))
+        self._cache.remember(
+            (self.public_key_bytes, sig, data if type(data) is bytes else bytes(data))
+        )
         return sig
 
 

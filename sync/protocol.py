@@ -417,6 +417,7 @@ class SyncSession:
                 map(is_, knowns, self._ae_known),
                 map(is_, ctxs, self._ae_ctx),
                 map(eq, gens, self._ae_gen),
+                strict=True,
             ),
         )
         lagging: list[str] = []
@@ -450,7 +451,11 @@ class SyncSession:
             if state is None:
                 return self._lagging_scopes_slow(order)
             ctx = state.context
-            if known is self._ae_known[i] and ctx is self._ae_ctx[i] and ctx._gen == self._ae_gen[i]:  # noqa: SLF001
+            if (
+                known is self._ae_known[i]
+                and ctx is self._ae_ctx[i]
+                and ctx._gen == self._ae_gen[i]
+            ):
                 continue
             if busy is None:
                 busy = {p.scope for p in self._unacked.values()}
@@ -459,7 +464,7 @@ class SyncSession:
             if known.dominates(ctx):
                 self._ae_known[i] = known
                 self._ae_ctx[i] = ctx
-                self._ae_gen[i] = ctx._gen  # noqa: SLF001
+                self._ae_gen[i] = ctx._gen
             else:
                 lagging.append(sc)
         return lagging

@@ -115,7 +115,7 @@ class _Inbox(dict[tuple[str, str], InboundStream]):
         super().__setitem__(key, value)
         self._by_peer.setdefault(key[0], set()).add(key[1])
 
-    def setdefault(self, key: tuple[str, str], default: InboundStream) -> InboundStream:  # type: ignore[override]
+    def setdefault(self, key: tuple[str, str], default: InboundStream) -> InboundStream:
         value = self.get(key)
         if value is None and key not in self:
             self[key] = value = default
@@ -133,7 +133,7 @@ class _Inbox(dict[tuple[str, str], InboundStream]):
         super().__delitem__(key)
         self._forget(key)
 
-    def pop(self, key: tuple[str, str], *default: Any) -> Any:  # type: ignore[override]
+    def pop(self, key: tuple[str, str], *default: Any) -> Any:
         if key in self:
             value = super().pop(key)
             self._forget(key)
