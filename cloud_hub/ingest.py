@@ -62,10 +62,15 @@ from regional_relay.presence import PRESENCE_WIRE_VERSION, DevicePresence, Prese
 from sync._exceptions import NovaCronError, SignatureError
 from sync.crdt import LwwMap, validate_entries
 from sync.dots import VersionVector
-from sync.envelope import decode_envelope_unverified, unpackb_strict, verify_envelope
+from sync.envelope import (
+    Envelope,
+    decode_envelope_unverified,
+    unpackb_strict,
+    verify_envelope,
+)
 from sync.keys import KeyRing, Signer
 from sync.protocol import DELTAS, EVENTS, SNAPSHOT
-from sync.relaying import Batch, BatchItem, decode_batch, encode_batch_ack
+from sync.relaying import Batch, BatchItem, encode_batch_ack, verify_batch
 from sync.replica import Replica
 from sync.topics import validate_id
 
@@ -387,7 +392,23 @@ class BatchIngestor:
         Raises:
             BatchRefusedError: the whole batch is refused; nothing changed.
         """
-        batch = self._verify(data)
+        try:
+            env = decode_envelope_unverified(data)
+        except NovaCronError as exc:
+            raise self._refuse("malformed_batch", "", str(exc)) from exc
+        return self.ingest_envelope(env, now_ms)
+
+    def ingest_envelope(self, env: Envelope, now_ms: int) -> IngestResult:
+        """:meth:`ingest` of a batch the caller already decoded, unverified.
+
+        For a caller that peeked at the envelope to route it
+        (:func:`~sync.envelope.decode_envelope_unverified`): nothing of it is
+        trusted; the relay's signature is checked here as in :meth:`ingest`.
+
+        Raises:
+            BatchRefusedError: the whole batch is refused; nothing changed.
+        """
+        batch = self._verify(env)
         relay = self._relays[batch.relay]
         result = IngestResult(batch.relay, relay.region, batch.epoch)
         self.stats.batches += 1
@@ -428,16 +449,12 @@ class BatchIngestor:
         log.warning("refused batch from relay %r (%s): %s", relay, reason, message)
         return BatchRefusedError(message, reason=reason, relay=relay)
 
-    def _verify(self, data: bytes) -> Batch:
-        try:
-            peek = decode_envelope_unverified(data)
-        except NovaCronError as exc:
-            raise self._refuse("malformed_batch", "", str(exc)) from exc
+    def _verify(self, peek: Envelope) -> Batch:
         relay = self._relays.get(peek.src)
         if relay is None:
             raise self._refuse("unknown_relay", peek.src, "no keys for this relay")
         try:
-            return decode_batch(data, relay.keys)
+            return verify_batch(peek, relay.keys)
         except SignatureError as exc:
             raise self._refuse("bad_relay_signature", peek.src, str(exc)) from exc
         except NovaCronError as exc:
@@ -540,10 +557,12 @@ class BatchIngestor:
 
     @staticmethod
     def _check_origins(device: str, entries: list[list[Any]], *vectors: VersionVector) -> None:
-        if any(e[2] != device for e in entries) or any(
-            origin != device for vv in vectors for origin in vv.origins()
-        ):
-            raise _ItemRejectedError("foreign_origin", "an entry or dot of another origin")
+        for e in entries:
+            if e[2] != device:
+                raise _ItemRejectedError("foreign_origin", "an entry or dot of another origin")
+        for vv in vectors:
+            if any(origin != device for origin in vv.origins()):
+                raise _ItemRejectedError("foreign_origin", "an entry or dot of another origin")
 
     def _deltas(self, device: str, raw: object, result: IngestResult) -> None:
         body = _body(raw, _DELTAS_KEYS)
@@ -558,9 +577,21 @@ class BatchIngestor:
         self._check_origins(device, entries, *(() if ctx is None else (ctx,)))
         state = self.replica.scope(scope)
         before = {e[0]: state.entry(e[0]) for e in entries}
-        seen = state.context.copy()
-        state.apply_entries(entries, ctx)
-        self._record_dots(scope, state, seen, result)
+        if ctx is None:
+            # Without a context the new dots are those of entries not seen yet:
+            # the same as _record_dots's difference, without copying the vector.
+            fresh = VersionVector()
+            for e in entries:
+                if not state.context.contains(e[2], e[3]):
+                    fresh.add_counter(e[2], e[3])
+            state.apply_entries(entries, None)
+            if fresh:
+                result.merged_dots.setdefault(scope, VersionVector()).merge(fresh)
+                self.stats.dots += len(fresh)
+        else:
+            seen = state.context.copy()
+            state.apply_entries(entries, ctx)
+            self._record_dots(scope, state, seen, result)
         self._record_changes(scope, state, before, result)
         self._observe(entries)
 

@@ -21,6 +21,7 @@ over what was observed (:mod:`simulator.invariants`).
 
 from __future__ import annotations
 
+import gc
 import heapq
 import logging
 import random
@@ -306,29 +307,48 @@ class DeterministicSim:
 
     def send(self, src: str, dst: str, data: bytes) -> None:
         """Put a message on the virtual network (lost if the link is down or by chance)."""
-        self.counters["sent"] += 1
-        if not self.link_ok(src, dst):
-            self.counters["lost_down"] += 1
+        counters = self.counters
+        counters["sent"] += 1
+        # link_ok and _link, inlined: this runs for every message.
+        device = self.devices.get(src) or self.devices.get(dst)
+        if device is None:
+            ok = self.link_ok(src, dst)
+            link = self._hub_link
+        else:
+            region = device.region
+            ok = self.dev_up[device.id] and self.region_broker_up[region] and self.relay_up[region]
+            link = self._links[device.profile]
+        if not ok:
+            counters["lost_down"] += 1
             return
-        link = self._link(src, dst)
-        if link.loss and self.net_rng.random() < link.loss:
-            self.counters["lost_random"] += 1
+        rng = self.net_rng
+        if link.loss and rng.random() < link.loss:
+            counters["lost_random"] += 1
             return
-        delay = link.latency_ms + link.jitter_ms * self.net_rng.random()
-        self._at(self.now + max(1, round(delay)), self._deliver, (src, dst, data))
+        delay = link.latency_ms + link.jitter_ms * rng.random()
+        self._seq += 1
+        heapq.heappush(
+            self._heap,
+            (self.now + max(1, round(delay)), self._seq, self._deliver, (src, dst, data, device)),
+        )
 
-    def _deliver(self, msg: tuple[str, str, bytes]) -> None:
-        src, dst, data = msg
-        if not self.link_ok(src, dst):
+    def _deliver(self, msg: tuple[str, str, bytes, SimDevice | None]) -> None:
+        src, dst, data, device = msg
+        if device is None:
+            ok = self.link_ok(src, dst)
+        else:
+            region = device.region
+            ok = self.dev_up[device.id] and self.region_broker_up[region] and self.relay_up[region]
+        if not ok:
             self.counters["lost_in_flight"] += 1
             return
         self.counters["delivered"] += 1
         if dst == HUB:
             self.hub.receive(src, data)
-        elif dst in self.relays:
-            self.relays[dst].receive(src, data)
+        elif device is not None and dst == device.id:
+            device.receive(data)
         else:
-            self.devices[dst].receive(data)
+            self.relays[dst].receive(src, data)
 
     def wake(self, node: str, peer: str) -> None:
         """Schedule a timer tick of ``node``'s session with ``peer``.
@@ -632,7 +652,8 @@ class DeterministicSim:
 
     def _update_digests(self) -> set[str]:
         touched: set[str] = set()
-        for replica, scope in sorted(self._dirty):
+        # Any order: each digest depends only on its own replica's scope.
+        for replica, scope in self._dirty:
             if scope not in self._digests:
                 continue
             self._digests[scope][replica] = scope_digest(self._replica_map(replica, scope))
@@ -697,6 +718,13 @@ class DeterministicSim:
     def _sample(self, _: object = None) -> None:
         self._take_sample()
         self._after_s(self.config.sample_s, self._sample)
+        # What survived until now (replicas, stored events, samples) is kept for
+        # the run: move it out of the cyclic collector's sight. Its full passes
+        # otherwise walk millions of such objects again and again as they
+        # accumulate over a long run. The run makes no reference cycles
+        # (a collection after it finds none), so nothing is kept that would
+        # have been freed; young objects are still collected as usual.
+        gc.freeze()
 
     def _quiet(self) -> bool:
         if self._split or any(r.outbox for r in self.relays.values()):
@@ -709,21 +737,33 @@ class DeterministicSim:
 
     def _run_until(self, end_ms: int, stop: Callable[[], bool] | None = None) -> None:
         heap = self._heap
+        pop = heapq.heappop
         check_every = round(self.config.sample_s * 1000)
         next_check = self.now + check_every
-        while heap and heap[0][0] <= end_ms:
-            t, _, fn, arg = heapq.heappop(heap)
-            self.now = t
-            fn(arg)
-            self.counters["events"] += 1
-            if stop is not None and t >= next_check:
-                next_check = t + check_every
-                if stop():
-                    return
+        n = 0  # events run, added to the counter once (nothing reads it meanwhile)
+        try:
+            while heap and heap[0][0] <= end_ms:
+                t, _, fn, arg = pop(heap)
+                self.now = t
+                fn(arg)
+                n += 1
+                if stop is not None and t >= next_check:
+                    next_check = t + check_every
+                    if stop():
+                        return
+        finally:
+            if n:
+                self.counters["events"] += n
         self.now = max(self.now, end_ms) if stop is None else self.now
 
     def run(self) -> SimResult:
         """Run the schedule, settle, check the invariants, build the report."""
+        try:
+            return self._run()
+        finally:
+            gc.unfreeze()  # see _sample
+
+    def _run(self) -> SimResult:
         wall0 = time.perf_counter()
         self._start()
         end = _START_MS + round(self.config.duration_s * 1000)

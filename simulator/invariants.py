@@ -37,7 +37,8 @@ import hashlib
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from operator import itemgetter
+from typing import Any, Final, Literal
 
 from sync._exceptions import SignatureError
 from sync.crdt import LwwMap
@@ -74,9 +75,20 @@ INVARIANTS: tuple[Invariant, ...] = (
 MAX_VIOLATIONS_KEPT = 1_000
 
 
+_PLAIN: Final = frozenset({str, int, float, bool, bytes, type(None)})
+_STR: Final = frozenset({str})
+
+
 def _canon(obj: Any) -> Any:
+    if type(obj) in _PLAIN:  # the common case, without the isinstance checks
+        return obj
     if isinstance(obj, dict):
-        return [[_canon(k), _canon(v)] for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))]
+        # Keys that are all plain str sort the same by themselves as by str(key).
+        items = sorted(
+            obj.items(),
+            key=itemgetter(0) if _STR.issuperset(map(type, obj)) else lambda kv: str(kv[0]),
+        )
+        return [[_canon(k), _canon(v)] for k, v in items]
     if isinstance(obj, list | tuple):
         return [_canon(x) for x in obj]
     return obj
@@ -297,22 +309,26 @@ def _convergence(obs: Observations, out: _Collector) -> list[ConvergenceLag]:
 
 
 def _events(obs: Observations, out: _Collector) -> None:
+    # Millions of events in a long run: find the violations, then sort only them.
     stored = Counter(obs.hub_events)
     out.checked["events"] += len(obs.acked_events) + len(stored)
-    for key, n in sorted(stored.items(), key=lambda kv: (kv[0].device, kv[0].stream, kv[0].seq)):
-        if n > 1:
-            out.add("events", f"{key.device}/{key.stream}#{key.seq}", f"stored {n} times")
-    for key in sorted(set(obs.acked_events), key=lambda k: (k.device, k.stream, k.seq)):
-        if key not in stored:
-            out.add("events", f"{key.device}/{key.stream}#{key.seq}", "acknowledged but lost")
+    twice = [kv for kv in stored.items() if kv[1] > 1]
+    for key, n in sorted(twice, key=lambda kv: (kv[0].device, kv[0].stream, kv[0].seq)):
+        out.add("events", f"{key.device}/{key.stream}#{key.seq}", f"stored {n} times")
+    lost = [key for key in set(obs.acked_events) if key not in stored]
+    for key in sorted(lost, key=lambda k: (k.device, k.stream, k.seq)):
+        out.add("events", f"{key.device}/{key.stream}#{key.seq}", "acknowledged but lost")
 
 
 def _deltas(obs: Observations, out: _Collector) -> None:
     out.checked["deltas"] += len(obs.acked_dots)
-    for dot in sorted(set(obs.acked_dots), key=lambda d: (d.scope, d.origin, d.counter)):
+    lost = []
+    for dot in set(obs.acked_dots):
         vector = obs.hub_vectors.get(dot.scope)
         if vector is None or not vector.contains(dot.origin, dot.counter):
-            out.add("deltas", f"{dot.scope} ({dot.origin}, {dot.counter})", "acknowledged but lost")
+            lost.append(dot)
+    for dot in sorted(lost, key=lambda d: (d.scope, d.origin, d.counter)):
+        out.add("deltas", f"{dot.scope} ({dot.origin}, {dot.counter})", "acknowledged but lost")
 
 
 def _single_copy(obs: Observations, out: _Collector) -> None:

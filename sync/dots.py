@@ -51,12 +51,23 @@ class VersionVector:
     Mutable; :meth:`copy` before sharing. Equality is set equality.
     """
 
-    __slots__ = ("_extra", "_max")
+    __slots__ = ("_extra", "_gen", "_max")
 
     def __init__(self, maxes: Mapping[str, int] | None = None) -> None:
         """Create a vector holding, per origin, every counter ``1..maxes[origin]``."""
-        self._max: dict[str, int] = {o: m for o, m in (maxes or {}).items() if m > 0}
+        self._max: dict[str, int] = {o: m for o, m in maxes.items() if m > 0} if maxes else {}
         self._extra: dict[str, set[int]] = {}
+        self._gen = 0
+
+    @property
+    def generation(self) -> int:
+        """A count of this object's changes: the same value means the same dots.
+
+        It moves whenever a dot is added (dots are never removed), so a caller
+        holding this very object can tell "unchanged since" without comparing
+        the sets. Meaningless across two objects (a copy starts again at 0).
+        """
+        return self._gen
 
     # -- queries ---------------------------------------------------------------
 
@@ -116,7 +127,10 @@ class VersionVector:
                 yield Dot(origin, c)
 
     def __len__(self) -> int:
-        return sum(self._max.values()) + sum(len(e) for e in self._extra.values())
+        n = sum(self._max.values())
+        if self._extra:
+            n += sum(map(len, self._extra.values()))
+        return n
 
     def __bool__(self) -> bool:
         return bool(self._max) or bool(self._extra)
@@ -194,6 +208,7 @@ class VersionVector:
         m = self._max.get(origin, 0)
         if counter <= m:
             return False
+        self._gen += 1  # (also when the dot is already among the extras: harmless)
         if counter == m + 1:
             extra = self._extra.get(origin)
             if extra:
@@ -221,6 +236,7 @@ class VersionVector:
         m = self._max.get(origin, 0)
         if hi <= m:
             return
+        self._gen += 1
         if lo <= m + 1:
             self._max[origin] = m = hi
             extra = self._extra.get(origin)

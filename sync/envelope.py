@@ -117,6 +117,22 @@ def _check_int(name: str, value: object, err: type[WireError]) -> int:
     return value
 
 
+def _fields_ok(type_: object, src: object, kid: object, seq: object, ts: object) -> bool:
+    """Whether :func:`_check_fields` would pass (one expression, no error built)."""
+    return (
+        type(type_) is str
+        and 1 <= len(type_) <= MAX_TYPE_LEN
+        and type(src) is str
+        and 1 <= len(src) <= MAX_SRC_LEN
+        and type(kid) is str
+        and 1 <= len(kid) <= MAX_KID_LEN
+        and type(seq) is int
+        and 0 <= seq < _INT_LIMIT
+        and type(ts) is int
+        and 0 <= ts < _INT_LIMIT
+    )
+
+
 def _check_fields(
     type_: object, src: object, kid: object, *, seq: object, ts: object, err: type[WireError]
 ) -> None:
@@ -156,11 +172,13 @@ def encode_envelope(  # noqa: PLR0917 - positional API fixed by the sync protoco
         WireError: a field has the wrong type or is out of range.
         OversizeError: the encoded envelope exceeds ``limits.max_size``.
     """
-    if not isinstance(body, bytes | bytearray | memoryview):
-        raise WireError("envelope body must be bytes")
-    body = bytes(body)
+    if body.__class__ is not bytes:  # (``type`` is the parameter here)
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise WireError("envelope body must be bytes")
+        body = bytes(body)
     kid = signer.key_id
-    _check_fields(type, src, kid, seq=seq, ts=ts, err=WireError)
+    if not _fields_ok(type, src, kid, seq, ts):
+        _check_fields(type, src, kid, seq=seq, ts=ts, err=WireError)
     sig = signer.sign(packb([WIRE_VERSION, type, src, kid, seq, ts, body]))
     data = packb(
         {
@@ -236,13 +254,16 @@ def decode_envelope_unverified(
         obj["body"],
         obj["sig"],
     )
-    _check_fields(type_, src, kid, seq=seq, ts=ts, err=DecodeError)
+    if not _fields_ok(type_, src, kid, seq, ts):
+        _check_fields(type_, src, kid, seq=seq, ts=ts, err=DecodeError)
     if type(body) is not bytes:
         raise DecodeError("envelope field 'body' must be msgpack bin")
     if type(sig) is not bytes or len(sig) != SIG_LEN:
         raise DecodeError(f"envelope field 'sig' must be {SIG_LEN} bytes of msgpack bin")
-    canonical = packb({k: obj[k] for k in _KEYS})
-    if canonical != data:
+    # The decoded map keeps the wire order of its keys: in any other order than
+    # _KEYS the bytes are not canonical, and in that order they are exactly
+    # when re-packing the map gives them back.
+    if tuple(obj) != _KEYS or packb(obj) != data:
         raise DecodeError("envelope is not canonically encoded")
     return Envelope(v, type_, src, kid, seq, ts, body, sig)
 

@@ -96,14 +96,21 @@ import random
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from operator import itemgetter
+from itertools import compress, repeat
+from operator import attrgetter, eq, is_, not_
 from typing import Any, ClassVar, cast
 
 from sync._chunks import Chunk, entry_dots, pack_chunks, plan_chunks, split_vector
 from sync._exceptions import CrdtError, OversizeError, ProtocolError
 from sync.crdt import LwwMap, validate_entries
 from sync.dots import VersionVector
-from sync.envelope import decode_envelope, encode_envelope, packb
+from sync.envelope import (
+    Envelope,
+    decode_envelope_unverified,
+    encode_envelope,
+    packb,
+    verify_envelope,
+)
 from sync.hlc import Clock
 from sync.keys import KeyRing, Signer
 from sync.replica import EventStream, InboundStream, Replica
@@ -131,6 +138,9 @@ SNAPSHOT = "SNAPSHOT"
 _RELIABLE = frozenset((DELTAS, EVENTS, SNAPSHOT))
 _MAX_NAME_LEN = 256
 _MAX_SEEN = 4096  # out-of-order seqs remembered before a gap is declared at once
+_CONTEXT = attrgetter("context")
+_GENERATION = attrgetter("_gen")  # VersionVector.generation, read in C by map()
+_FEW_SCOPES = 8  # up to this many, a plain loop is cheaper than the map() pipeline
 
 
 @dataclass
@@ -278,6 +288,13 @@ class SyncSession:
         self.peer_bd_seq: int | None = None
         self.peer_vv: dict[str, VersionVector] = {}
         self._sent_upto: dict[str, int] = {}
+        # Anti-entropy memo (see _lagging_scopes): the scopes, sorted, and per
+        # scope the peer's vector, our context and its generation when the
+        # first was last found to cover the second.
+        self._ae_order: list[str] = []
+        self._ae_known: list[VersionVector | None] = []
+        self._ae_ctx: list[VersionVector | None] = []
+        self._ae_gen: list[int] = []
         # Receive-side sequence tracking of the peer's session.
         self._recv_next = 0
         self._recv_seen: set[int] = set()
@@ -363,15 +380,105 @@ class SyncSession:
         """
         if not self.hello_confirmed or self._resync:
             return []
-        busy = {p.scope for p in self._unacked.values()}
         out: list[bytes] = []
-        for sc in sorted(self.scopes):
+        for sc in self._lagging_scopes():
+            out += self._catch_up(sc, self.peer_vv[sc])
+        return out
+
+    def _lagging_scopes(self) -> list[str]:
+        """Scopes not waiting for an ack whose context the peer's vector lacks, sorted.
+
+        A relay's or the hub's session syncs thousands of scopes and ticks
+        every second while busy, so the scan skips, without a comparison of
+        vectors, every scope found covered before whose peer vector and
+        context are the same objects with the same :attr:`VersionVector.generation`
+        (a vector only grows: covered then, covered now). The skip test runs
+        over all scopes at once with C-level ``map``.
+        """
+        order = self._ae_order
+        if len(order) != len(self.scopes) or not self.scopes.issuperset(order):
+            order = self._ae_order = sorted(self.scopes)
+            n = len(order)
+            self._ae_known = [None] * n
+            self._ae_ctx = [None] * n
+            self._ae_gen = [-1] * n
+        if len(order) <= _FEW_SCOPES:
+            return self._lagging_scopes_few(order)
+        maps = list(map(self.replica.scopes.get, order))
+        if any(map(is_, maps, repeat(None))):
+            # Scope not in the replica yet: made on first look, as below.
+            return self._lagging_scopes_slow(order)
+        ctxs = list(map(_CONTEXT, maps))
+        gens = list(map(_GENERATION, ctxs))
+        knowns = list(map(self.peer_vv.get, order))
+        clean = map(
+            all,
+            zip(
+                map(is_, knowns, self._ae_known),
+                map(is_, ctxs, self._ae_ctx),
+                map(eq, gens, self._ae_gen),
+                strict=True,
+            ),
+        )
+        lagging: list[str] = []
+        busy: set[str | None] | None = None
+        for i in compress(range(len(order)), map(not_, clean)):
+            known = knowns[i]
+            if known is None:
+                continue
+            if busy is None:
+                busy = {p.scope for p in self._unacked.values()}
+            if order[i] in busy:
+                continue
+            if known.dominates(ctxs[i]):
+                self._ae_known[i] = known
+                self._ae_ctx[i] = ctxs[i]
+                self._ae_gen[i] = gens[i]
+            else:
+                lagging.append(order[i])
+        return lagging
+
+    def _lagging_scopes_few(self, order: list[str]) -> list[str]:
+        """:meth:`_lagging_scopes` for a device's few scopes: the same test, a plain loop."""
+        scopes = self.replica.scopes
+        lagging: list[str] = []
+        busy: set[str | None] | None = None
+        for i, sc in enumerate(order):
+            known = self.peer_vv.get(sc)
+            if known is None:
+                continue
+            state = scopes.get(sc)
+            if state is None:
+                return self._lagging_scopes_slow(order)
+            ctx = state.context
+            if (
+                known is self._ae_known[i]
+                and ctx is self._ae_ctx[i]
+                and ctx._gen == self._ae_gen[i]
+            ):
+                continue
+            if busy is None:
+                busy = {p.scope for p in self._unacked.values()}
+            if sc in busy:
+                continue
+            if known.dominates(ctx):
+                self._ae_known[i] = known
+                self._ae_ctx[i] = ctx
+                self._ae_gen[i] = ctx._gen
+            else:
+                lagging.append(sc)
+        return lagging
+
+    def _lagging_scopes_slow(self, order: list[str]) -> list[str]:
+        busy = {p.scope for p in self._unacked.values()}
+        lagging: list[str] = []
+        for sc in order:
             known = self.peer_vv.get(sc)
             if sc in busy or known is None:
                 continue
             if not known.dominates(self.replica.scope(sc).context):
-                out += self._catch_up(sc, known)
-        return out
+                lagging.append(sc)
+        return lagging
 
     def receive(self, data: bytes) -> list[bytes]:
         """Process one envelope from the peer; return the replies.
@@ -383,7 +490,22 @@ class SyncSession:
 
         On any error the session and the replica are unchanged.
         """
-        env = decode_envelope(data, self._keyring)
+        return self.receive_envelope(decode_envelope_unverified(data))
+
+    def receive_envelope(self, env: Envelope) -> list[bytes]:
+        """:meth:`receive` of an envelope the caller already decoded, unverified.
+
+        For a caller that peeked at the envelope to route it
+        (:func:`~sync.envelope.decode_envelope_unverified`): nothing of it is
+        trusted; its signature is checked here as in :meth:`receive`, before
+        the body is decoded.
+
+        Raises:
+            WireError: a bad signature or unknown key.
+            ProtocolError: a well-formed message that breaks the protocol.
+            CrdtError: a malformed delta, snapshot or vector.
+        """
+        verify_envelope(env, self._keyring)
         if env.src != self.peer_id:
             raise ProtocolError(f"envelope from {env.src!r}, expected {self.peer_id!r}")
         body = env.decode_body()
@@ -476,16 +598,9 @@ class SyncSession:
     def _hello(self, *, reply: bool, backoff: bool = False) -> list[bytes]:
         self._resync = False
         vv = {sc: self.replica.scope(sc).context.to_wire() for sc in sorted(self.scopes)}
-        # Only this peer's streams, sorted after filtering: a relay's inbox holds
-        # every device of its region, and each device session says HELLO.
-        peer = self.peer_id
-        ev = {
-            key[1]: inb.next_seq
-            for key, inb in sorted(
-                [(key, inb) for key, inb in self.replica.inbox.items() if key[0] == peer],
-                key=itemgetter(0),
-            )
-        }
+        # Only this peer's streams (a relay's inbox holds every device of its
+        # region, and each device session says HELLO), sorted by stream.
+        ev = {st: inb.next_seq for st, inb in self.replica.inbound_of(self.peer_id)}
         body = {
             "s": self.session_id,
             "bd": self.bd_seq,
@@ -557,10 +672,11 @@ class SyncSession:
 
     def _upload_events(self) -> list[bytes]:
         out: list[bytes] = []
-        for name in sorted(self.streams):
+        streams = self.streams
+        for name in sorted(streams) if len(streams) > 1 else streams:
             stream = self.replica.streams.get(name)
-            if stream is None:
-                continue
+            if stream is None or self._sent_upto.get(name, 1) >= stream.next_seq:
+                continue  # nothing unsent (read would return no item)
             while len(self._unacked) < self.max_unacked:
                 start, items = stream.read(self._sent_upto.get(name, 1), self.max_batch)
                 if not items:
@@ -687,7 +803,9 @@ class SyncSession:
             n = self.replica.scope(scope).apply_entries(entries, ctx)
             self.stats.deltas_applied += n
             # The peer sent these dots, so it has them: never echo them back.
-            known = self.peer_vv.setdefault(scope, VersionVector())
+            known = self.peer_vv.get(scope)
+            if known is None:
+                known = self.peer_vv[scope] = VersionVector()
             known.merge(entry_dots(entries))
             if ctx is not None:
                 known.merge(ctx)
@@ -787,7 +905,9 @@ class SyncSession:
                 self._unacked.pop(s, None)
             for sc, vv in vvs.items():
                 if sc in self.scopes:
-                    known = self.peer_vv.setdefault(sc, VersionVector())
+                    known = self.peer_vv.get(sc)
+                    if known is None:
+                        known = self.peer_vv[sc] = VersionVector()
                     known.merge(vv)
             for st, cursor in cursors.items():
                 stream = self.replica.streams.get(st)

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sync._exceptions import DecodeError, ProtocolError
-from sync.envelope import Envelope, decode_envelope, encode_envelope, packb
+from sync.envelope import (
+    Envelope,
+    decode_envelope,
+    decode_envelope_unverified,
+    encode_envelope,
+    packb,
+    verify_envelope,
+)
 from sync.keys import KeyRing, Signer
 
 __all__ = [
@@ -40,6 +47,7 @@ __all__ = [
     "encode_batch_ack",
     "id_ranges",
     "open_device_envelope",
+    "verify_batch",
 ]
 
 BATCH = "BATCH"
@@ -92,7 +100,19 @@ def decode_batch(data: bytes, relay_keys: KeyRing) -> Batch:
         WireError: bad bytes or signature.
         ProtocolError: not a batch, or a malformed body.
     """
-    env = decode_envelope(data, relay_keys)
+    return verify_batch(decode_envelope_unverified(data), relay_keys)
+
+
+def verify_batch(env: Envelope, relay_keys: KeyRing) -> Batch:
+    """:func:`decode_batch` of an envelope already decoded (unverified) by the caller.
+
+    The signature is checked here, before the body is decoded.
+
+    Raises:
+        SignatureError: unknown key or bad signature.
+        ProtocolError: not a batch, or a malformed body.
+    """
+    verify_envelope(env, relay_keys)
     if env.type != BATCH:
         raise ProtocolError(f"expected {BATCH}, got {env.type!r}")
     body = env.decode_body()

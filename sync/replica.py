@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from operator import itemgetter
+from typing import Any, Self
 
 from sync.crdt import LwwMap
 from sync.hlc import HybridLogicalClock
@@ -82,6 +83,73 @@ class InboundStream:
     """Events the sender dropped (its quota) before we got them."""
 
 
+class _Inbox(dict[tuple[str, str], InboundStream]):
+    """:attr:`Replica.inbox`: a plain dict that also indexes its keys by peer.
+
+    A relay's inbox holds a stream of every device of its region, and each
+    device session's HELLO needs only that device's: the index spares a scan
+    of the whole inbox per HELLO. Every mutating dict method keeps it.
+    """
+
+    __slots__ = ("_by_peer",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_peer: dict[str, set[str]] = {}
+
+    def of_peer(self, peer: str) -> list[tuple[str, InboundStream]]:
+        """``(stream, inbound)`` of ``peer``, sorted by stream."""
+        streams = self._by_peer.get(peer)
+        if not streams:
+            return []
+        return [(st, dict.__getitem__(self, (peer, st))) for st in sorted(streams)]
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        streams = self._by_peer.get(key[0])
+        if streams is not None:
+            streams.discard(key[1])
+            if not streams:
+                del self._by_peer[key[0]]
+
+    def __setitem__(self, key: tuple[str, str], value: InboundStream) -> None:
+        super().__setitem__(key, value)
+        self._by_peer.setdefault(key[0], set()).add(key[1])
+
+    def setdefault(self, key: tuple[str, str], default: InboundStream) -> InboundStream:
+        value = self.get(key)
+        if value is None and key not in self:
+            self[key] = value = default
+        return value  # type: ignore[return-value]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other: Any) -> Self:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def __delitem__(self, key: tuple[str, str]) -> None:
+        super().__delitem__(key)
+        self._forget(key)
+
+    def pop(self, key: tuple[str, str], *default: Any) -> Any:
+        if key in self:
+            value = super().pop(key)
+            self._forget(key)
+            return value
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[tuple[str, str], InboundStream]:
+        key, value = super().popitem()
+        self._forget(key)
+        return key, value
+
+    def clear(self) -> None:
+        super().clear()
+        self._by_peer.clear()
+
+
 class Replica:
     """The synced state of one node: LWW scopes and event streams.
 
@@ -95,7 +163,7 @@ class Replica:
         self.hlc = hlc
         self.scopes: dict[str, LwwMap] = {}
         self.streams: dict[str, EventStream] = {}
-        self.inbox: dict[tuple[str, str], InboundStream] = {}
+        self.inbox: dict[tuple[str, str], InboundStream] = _Inbox()
 
     def scope(self, name: str) -> LwwMap:
         """The map of scope ``name``, created empty on first use."""
@@ -111,6 +179,13 @@ class Replica:
     def delete(self, scope: str, key: str) -> LwwMap:
         """Delete ``key`` from ``scope`` now; return the delta."""
         return self.scope(scope).delete(key, ts=self.hlc.now(), origin=self.replica_id)
+
+    def inbound_of(self, peer: str) -> list[tuple[str, InboundStream]]:
+        """``(stream, inbound)`` of every stream received from ``peer``, sorted by stream."""
+        inbox = self.inbox
+        if isinstance(inbox, _Inbox):
+            return inbox.of_peer(peer)
+        return sorted(((k[1], v) for k, v in inbox.items() if k[0] == peer), key=itemgetter(0))
 
     def observe_entries(self, entries: list[list[Any]]) -> bool:
         """Move the clock past merged wire entries' timestamps.
