@@ -52,9 +52,7 @@ from edge_agent.identity import load_or_create_device_key
 from firmware_profiles import FirmwareProfile, load_profile
 from regional_relay.config import RelayConfig
 from regional_relay.relay import Relay
-from simulator.invariants import scope_digest
 from simulator.netproxy import TcpProxy
-from simulator.relayproc import RelayProcess, RelayView
 from sync.crdt import LwwMap
 from sync.topics import device_topic
 
@@ -118,18 +116,12 @@ class FleetStack(Service):
         listen: the hub API's ``HOST:PORT`` (port 0: any free one).
         hub_data_dir: where the hub keeps its store and keys.
         tuning: timings.
-        relay_processes: run each relay as its own ``novacron relay run``
-            process (:mod:`simulator.relayproc`) instead of in this event loop.
 
     Attributes:
         hub: the running hub (once entered).
-        relays: region -> running in-process relay (absent while killed, and
-            always empty with ``relay_processes``).
+        relays: region -> running relay (absent while killed).
         proxies: region -> the proxy on the relay's upstream link.
         admin_token: an admin API token made at start.
-
-    Whichever way relays run, :meth:`relay_running`, :meth:`relay_view` and
-    :meth:`relay_counters` read them.
     """
 
     def __init__(
@@ -141,11 +133,8 @@ class FleetStack(Service):
         listen: str = "127.0.0.1:0",
         hub_data_dir: Path | None = None,
         tuning: Tuning | None = None,
-        relay_processes: bool = False,
     ) -> None:
         super().__init__()
-        self.relay_processes = relay_processes
-        self._relay_procs: dict[str, RelayProcess] = {}
         self.root = root
         self.broker_url = broker_url
         self.broker_host, self.broker_port = _broker_hostport(broker_url)
@@ -230,17 +219,11 @@ class FleetStack(Service):
         await asyncio.to_thread(self._share_hub_key)
         for region in self.regions:
             self._relay_configs[region] = self._relay_config(region, self.proxies[region].port)
-        if self.relay_processes:
-            level = "DEBUG" if log.getEffectiveLevel() <= logging.DEBUG else "WARNING"
-            for region, cfg in self._relay_configs.items():
-                self._relay_procs[region] = RelayProcess(
-                    cfg, cfg.data_dir / "relay.log", log_level=level
-                )
         self._stack.push_async_callback(self._stop_relays)
         await asyncio.gather(*(self.start_relay(region) for region in self.regions))
 
     async def _stop_relays(self) -> None:
-        await asyncio.gather(*(self.stop_relay(r) for r in self.regions))
+        await asyncio.gather(*(self.stop_relay(r) for r in list(self.relays)))
 
     # -- controls ------------------------------------------------------------------
 
@@ -273,60 +256,17 @@ class FleetStack(Service):
 
     async def start_relay(self, region: str) -> None:
         """Start (or restart) the region's relay; a no-op when running."""
-        if self.relay_processes:
-            self._relay_procs[region].start()
-            return
         if region in self.relays:
             return
         relay = Relay(self._relay_configs[region])
         await relay.__aenter__()
         self.relays[region] = relay
 
-    async def stop_relay(self, region: str, *, kill: bool = False) -> None:
-        """Stop the region's relay (its outbox stays on disk for the restart).
-
-        Args:
-            kill: a crash: SIGKILL of a relay process (an in-process relay has
-                no such thing and is closed).
-        """
-        if self.relay_processes:
-            await self._relay_procs[region].stop(kill=kill)
-            return
+    async def stop_relay(self, region: str) -> None:
+        """Stop the region's relay (its outbox stays on disk for the restart)."""
         relay = self.relays.pop(region, None)
         if relay is not None:
             await relay.aclose()
-
-    def relay_running(self, region: str) -> bool:
-        """Whether the region's relay runs."""
-        if self.relay_processes:
-            return self._relay_procs[region].running
-        return region in self.relays
-
-    async def relay_view(self, region: str, scopes: Sequence[str]) -> RelayView | None:
-        """The region's relay's copy of ``scopes`` and its outbox depth
-        (``None`` while it does not run)."""
-        if self.relay_processes:
-            return await self._relay_procs[region].view(scopes)
-        relay = self.relays.get(region)
-        if relay is None:
-            return None
-        digests = {name: scope_digest(relay.replica.scope(name)) for name in scopes}
-        return RelayView(digests, int(relay.stats()["outbox_depth"]))
-
-    def relay_counters(self) -> dict[str, dict[str, Any]]:
-        """Region -> its relay's counters: read in place, or for relay processes
-        as of their last presence report to the hub (empty while it is down)."""
-        if not self.relay_processes:
-            return {region: relay.stats() for region, relay in sorted(self.relays.items())}
-        hub = self.hub
-        if hub is None or hub.reconciler is None:
-            return {}
-        by_relay = hub.reconciler.stats().get("relay_counters", {})
-        return {
-            region: dict(by_relay[relay_id_for(region)])
-            for region in self.regions
-            if relay_id_for(region) in by_relay
-        }
 
     def partition(self, region: str) -> None:
         """Cut the region's relay from the hub."""

@@ -1,18 +1,17 @@
 """``novacron sim run`` (real-process mode): the real stack at scale, under faults.
 
 The main process runs the MQTT broker (embedded amqtt unless ``--broker``), the
-hub, a TCP proxy on each relay's hub link (:class:`~simulator.composition.FleetStack`),
-the fault injector, the sampler and the invariant checker. Each region's relay
-is a ``novacron relay run`` process of its own (:mod:`simulator.relayproc`; the
-sampler reads its outbox file). ``W`` worker processes (:mod:`simulator._worker`)
-each enroll and run their share of the ``N`` devices: real agents with the
-``sim`` runtime, in one event loop per worker.
+hub and one relay per region (:class:`~simulator.composition.FleetStack`, each
+relay's hub link through a TCP proxy), the fault injector, the sampler and the
+invariant checker. ``W`` worker processes (:mod:`simulator._worker`) each
+enroll and run their share of the ``N`` devices: real agents with the ``sim``
+runtime, in one event loop per worker.
 
 Faults (:mod:`simulator.faults`) and how they are applied here:
 
 =================  ====================================================================
 partition_region   the region relay's upstream proxy is cut, then healed
-kill_relay         the relay process is killed (SIGKILL; its outbox is on disk) and started again
+kill_relay         the relay stops (outbox on disk) and starts again
 kill_hub           the hub stops (store on disk) and starts again on the same port
 kill_broker        the embedded broker stops and starts again (forgetting everything);
                    not possible with ``--broker`` (recorded as a failed action)
@@ -276,7 +275,7 @@ class _Target:
             case "heal":
                 self.stack.heal(action.region or "")
             case "kill_relay":
-                await self.stack.stop_relay(action.region or "", kill=True)
+                await self.stack.stop_relay(action.region or "")
             case "start_relay":
                 await self.stack.start_relay(action.region or "")
             case "kill_hub":
@@ -381,26 +380,15 @@ class _Sampler:
             online_ids = {
                 h.device for h in hub.health.devices(hub.clock()) if h.online and h.device in known
             }
-        regions = sorted({region for _, _, region, _ in self.devices})
-        names: dict[str, list[str]] = {r: [] for r in regions}
-        for _, did, region, _ in self.devices:
-            names[region].append(f"desired/{did}")
-        views = dict(
-            zip(
-                regions,
-                await asyncio.gather(*(self.stack.relay_view(r, names[r]) for r in regions)),
-                strict=True,
-            )
-        )
         digests: list[ReplicaDigest] = []
-        converged = split = running_agents = 0
+        converged = split = running_agents = outbox = 0
         running: dict[str, dict[str, str]] = {}
         wanted: dict[str, dict[str, str]] = {}
         for _, did, region, _profile in self.devices:
             dname, sname = f"desired/{did}", f"device/{did}"
             a_desired, a_device, run = agents.get(did, (None, None, {}))
             running[did] = run
-            view = views.get(region)
+            relay = self.stack.relays.get(region)
             per: list[tuple[str, str, str | None]] = [
                 (did, dname, a_desired),
                 (did, sname, a_device),
@@ -417,8 +405,8 @@ class _Sampler:
                     ("hub", dname, scope_digest(hub_desired)),
                     ("hub", sname, scope_digest(_decode(blobs.get(sname)))),
                 ]
-            if view is not None:
-                per.append((f"relay:{region}", dname, view.digests[dname]))
+            if relay is not None:
+                per.append((f"relay:{region}", dname, scope_digest(relay.replica.scope(dname))))
             seen: dict[str, set[str]] = {}
             running_agents += a_desired is not None
             for replica, scope, digest in per:
@@ -431,12 +419,11 @@ class _Sampler:
             ok = a_desired is not None and hub is not None and not differing
             if ok and run == wanted.get(did):
                 converged += 1
-        outbox = sum(v.outbox_depth for v in views.values() if v is not None)
-        # Up: running and not cut from the hub by a partition.
-        relays_up = sum(
-            self.stack.relay_running(r) and self.stack.proxies[r].partitioned is None
-            for r in self.stack.regions
-        )
+        relays_up = 0
+        for relay in self.stack.relays.values():
+            stats = relay.stats()
+            outbox += int(stats["outbox_depth"])
+            relays_up += bool(stats["hub_connected"])
         hub_queue = 0
         if hub is not None and hub.reconciler is not None:
             hub_queue = int(hub.reconciler.stats().get("queue_depth", 0))
@@ -519,7 +506,7 @@ async def _run(
     else:
         broker_url = config.broker_url
     stack = await stack_.enter_async_context(
-        FleetStack(root, broker_url, fleet.regions, tuning=config.tuning, relay_processes=True)
+        FleetStack(root, broker_url, fleet.regions, tuning=config.tuning)
     )
     async with stack.client() as api:
         tokens = await create_tokens(api, plan, labels={"app": "sim"})
@@ -817,7 +804,8 @@ def _diagnostics(stack: FleetStack) -> dict[str, Any]:
         )
         out["hub"] = {k: s.get(k) for k in keys}
     relays: dict[str, Any] = {}
-    for region, s in stack.relay_counters().items():
+    for region, relay in sorted(stack.relays.items()):
+        s = relay.stats()
         relays[region] = {
             k: s.get(k)
             for k in (
