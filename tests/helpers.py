@@ -59,16 +59,17 @@ async def serve_session(
     session: SyncSession,
     down: str,
     *,
-    take_pending: Callable[[], list[bytes]],
+    pending: list[bytes],
     handle: Callable[[bytes], list[bytes]],
     tick_s: float = 0.1,
 ) -> None:
     """Play the upstream end of ``session`` on ``client`` until cancelled.
 
-    Sends the session's HELLO, then its timer output every ``tick_s`` together
-    with what ``take_pending`` hands over (local updates made meanwhile), and
-    ``handle``'s replies to each message ``client`` receives; everything goes
-    to ``down`` at QoS 1. The caller has subscribed ``client`` to the uplink.
+    Sends the session's HELLO, then every ``tick_s`` what the caller appended
+    to ``pending`` meanwhile (local updates; the list is emptied in place) and
+    the session's timer output, and ``handle``'s replies to each message
+    ``client`` receives; everything goes to ``down`` at QoS 1. The caller has
+    subscribed ``client`` to the uplink.
     """
 
     async def send(out: list[bytes]) -> None:
@@ -77,7 +78,9 @@ async def serve_session(
 
     async def ticker() -> None:
         while True:
-            await send(take_pending() + session.tick())
+            out = pending[:]
+            pending.clear()
+            await send(out + session.tick())
             await asyncio.sleep(tick_s)
 
     async with asyncio.TaskGroup() as tg:

@@ -16,16 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_public_api import PACKAGES
+
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = (
-    "novacron",
-    "sync",
-    "edge_agent",
-    "regional_relay",
-    "cloud_hub",
-    "simulator",
-    "firmware_profiles",
-)
 
 
 def _tree_files() -> set[str]:

@@ -148,10 +148,4 @@ class RelayPeer:
                 self.received.append(payload)
                 return session.receive(payload)
 
-            await serve_session(
-                client, session, down, take_pending=self._take_pending, handle=handle
-            )
-
-    def _take_pending(self) -> list[bytes]:
-        out, self._pending = self._pending, []
-        return out
+            await serve_session(client, session, down, pending=self._pending, handle=handle)

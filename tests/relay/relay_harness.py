@@ -208,13 +208,7 @@ class HubSink:
                     return self._ingest(payload)
                 return session.receive(payload)
 
-            await serve_session(
-                client, session, down, take_pending=self._take_pending, handle=handle
-            )
-
-    def _take_pending(self) -> list[bytes]:
-        out, self._pending = self._pending, []
-        return out
+            await serve_session(client, session, down, pending=self._pending, handle=handle)
 
     def _ingest(self, data: bytes) -> list[bytes]:
         """What the hub does with a batch: :class:`BatchIngestor` verifies, dedupes
