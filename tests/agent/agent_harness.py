@@ -10,6 +10,7 @@ from typing import Any
 
 import aiomqtt
 
+from edge_agent._mqtt import connected
 from edge_agent.agent import relay_peer_id
 from edge_agent.config import AgentConfig
 from edge_agent.identity import load_or_create_device_key
@@ -131,7 +132,9 @@ class RelayPeer:
     async def _connected(self) -> None:
         up = device_topic(REGION, self.device_id, "up")
         down = device_topic(REGION, self.device_id, "down")
-        async with aiomqtt.Client("127.0.0.1", self.port, identifier="test-hub") as client:
+        async with connected(
+            aiomqtt.Client("127.0.0.1", self.port, identifier="test-hub")
+        ) as client:
             await client.subscribe(up, qos=1)
             session = SyncSession(
                 self.replica,

@@ -19,6 +19,7 @@ from cloud_hub.ingest import device_scope
 from cloud_hub.reconciler import BrokerAddress, Reconciler, ReconcilerError, ReconcilerSettings
 from cloud_hub.store import DeviceRecord, IngestCommit, NotFoundError, Store, StoreError
 from cloud_hub.testing import EventRecorder
+from edge_agent._mqtt import connected as mqtt_connected
 from sync.envelope import decode_envelope, encode_envelope, packb
 from sync.hlc import pack_ts
 from sync.keys import KeyRing, Signer
@@ -100,7 +101,8 @@ class FakeRelay:
 
     @asynccontextmanager
     async def connected(self, hub_keys: KeyRing) -> AsyncIterator[aiomqtt.Client]:
-        async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier="fake-relay") as c:
+        client = aiomqtt.Client("127.0.0.1", self.broker.port, identifier="fake-relay")
+        async with mqtt_connected(client) as c:
             await c.subscribe(hub_topic(REGION, "down"), qos=1)
 
             async def listen() -> None:

@@ -21,6 +21,7 @@ from cloud_hub._sqlite_store import SQLiteStore, open_sqlite_store
 from cloud_hub.ingest import BatchIngestor, BatchRefusedError
 from cloud_hub.reconciler import BrokerAddress, FleetObserver, Reconciler, ReconcilerSettings
 from cloud_hub.store import DeviceRecord
+from edge_agent._mqtt import connected
 from edge_agent.agent import Agent, relay_peer_id
 from edge_agent.config import AgentConfig
 from edge_agent.identity import load_or_create_device_key
@@ -190,7 +191,7 @@ class HubSink:
     async def _connected(self) -> None:
         up, down = hub_topic(REGION, "up"), hub_topic(REGION, "down")
         port = self.region.hub_broker.port
-        async with aiomqtt.Client("127.0.0.1", port, identifier="test-hub") as client:
+        async with connected(aiomqtt.Client("127.0.0.1", port, identifier="test-hub")) as client:
             await client.subscribe(up, qos=1)
             session = SyncSession(
                 self.replica,
