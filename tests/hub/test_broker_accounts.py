@@ -43,6 +43,7 @@ from cloud_hub.broker_accounts import (
     set_passwd_entry,
     verify_password,
 )
+from edge_agent._mqtt import connected
 from sync.topics import device_topic
 from tests.fixtures_mqtt import (
     MOSQUITTO,
@@ -382,13 +383,15 @@ PASSWORDS = {"relay": "relay-pw", "acct-a": "pw-a", "acct-b": "pw-b"}
 
 @asynccontextmanager
 async def client(s: Setup, user: str, password: str | None = None) -> AsyncIterator[aiomqtt.Client]:
-    async with aiomqtt.Client(
-        "127.0.0.1",
-        s.broker.port,
-        username=user,
-        password=PASSWORDS[user] if password is None else password,
-        identifier=f"c-{user}",
-        timeout=DEADLINE_S,
+    async with connected(
+        aiomqtt.Client(
+            "127.0.0.1",
+            s.broker.port,
+            username=user,
+            password=PASSWORDS[user] if password is None else password,
+            identifier=f"c-{user}",
+            timeout=DEADLINE_S,
+        )
     ) as c:
         yield c
 

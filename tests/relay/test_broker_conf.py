@@ -19,6 +19,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from edge_agent._mqtt import connected
 from sync.topics import device_topic
 from tests.fixtures_mqtt import MosquittoBroker, relay_broker
 from tests.relay.relay_harness import collect_until
@@ -42,8 +43,10 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 @asynccontextmanager
 async def client(broker: MosquittoBroker, user: str) -> AsyncIterator[aiomqtt.Client]:
-    async with aiomqtt.Client(
-        "127.0.0.1", broker.port, username=user, password=USERS[user], identifier=user
+    async with connected(
+        aiomqtt.Client(
+            "127.0.0.1", broker.port, username=user, password=USERS[user], identifier=user
+        )
     ) as c:
         yield c
 
@@ -112,8 +115,10 @@ async def test_anonymous_and_bad_passwords_are_refused(
     broker: MosquittoBroker, username: str | None, password: str | None
 ) -> None:
     with pytest.raises(aiomqtt.MqttError):
-        async with aiomqtt.Client(
-            "127.0.0.1", broker.port, username=username, password=password, timeout=DEADLINE_S
+        async with connected(
+            aiomqtt.Client(
+                "127.0.0.1", broker.port, username=username, password=password, timeout=DEADLINE_S
+            )
         ):
             pass
 
