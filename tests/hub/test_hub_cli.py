@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -88,14 +88,20 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 30
         while True:
+            # Not urlopen: when the starting hub accepts but does not answer
+            # within the timeout, urlopen raises and leaves its socket to the GC
+            # (a ResourceWarning in whichever later test collects it).
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    assert json.loads(r.read())["status"] == "ok"
-                    break
+                conn.request("GET", "/healthz")
+                assert json.loads(conn.getresponse().read())["status"] == "ok"
+                break
             except OSError:
                 assert proc.poll() is None, proc.communicate()
                 assert time.monotonic() < deadline, "the hub did not answer"
                 time.sleep(0.1)
+            finally:
+                conn.close()
         assert (tmp_path / "hub.pub").exists() and (tmp_path / "hub.db").exists()
         assert (tmp_path / "hub.key").stat().st_mode & 0o077 == 0
     finally:
