@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any, Self
 
 from sync.crdt import LwwMap
@@ -163,7 +162,7 @@ class Replica:
         self.hlc = hlc
         self.scopes: dict[str, LwwMap] = {}
         self.streams: dict[str, EventStream] = {}
-        self.inbox: dict[tuple[str, str], InboundStream] = _Inbox()
+        self.inbox = _Inbox()
 
     def scope(self, name: str) -> LwwMap:
         """The map of scope ``name``, created empty on first use."""
@@ -182,10 +181,7 @@ class Replica:
 
     def inbound_of(self, peer: str) -> list[tuple[str, InboundStream]]:
         """``(stream, inbound)`` of every stream received from ``peer``, sorted by stream."""
-        inbox = self.inbox
-        if isinstance(inbox, _Inbox):
-            return inbox.of_peer(peer)
-        return sorted(((k[1], v) for k, v in inbox.items() if k[0] == peer), key=itemgetter(0))
+        return self.inbox.of_peer(peer)
 
     def observe_entries(self, entries: list[list[Any]]) -> bool:
         """Move the clock past merged wire entries' timestamps.
