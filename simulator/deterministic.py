@@ -35,15 +35,13 @@ from firmware_profiles._loader import load_profile
 from simulator._detnodes import (
     FORWARDER,
     HUB,
+    Signatures,
     SimDevice,
     SimHub,
     SimRelay,
-    VerifyCache,
     desired_scope,
     device_scope,
     relay_id,
-    ring_of,
-    sim_signer,
 )
 from simulator.faults import Action, FaultSchedule, FaultTimeline
 from simulator.fleet import Fleet, FleetSpec, assign_fleet, default_fleet_spec, outage_means
@@ -109,8 +107,11 @@ class SimConfig:
     converge_deadline_s: float | None = None
     dedupe: bool = True
     """``False`` plants a bug: the hub stores duplicate events (the checker must fail)."""
+    signatures: str = "modeled"
+    """``"modeled"``: keyed BLAKE2b tags stand in for Ed25519 signatures
+    (:class:`~simulator._detnodes.ModeledKey`); ``"ed25519"``: real ones."""
     verify_cache: bool = True
-    """Compute each Ed25519 verification once per run (exact; see ``VerifyCache``)."""
+    """With Ed25519, compute each verification once per run (exact; see ``VerifyCache``)."""
 
 
 @dataclass
@@ -186,18 +187,18 @@ class DeterministicSim:
 
     def _build(self) -> None:
         seed = self.config.seed
-        cache = self.verify_cache = VerifyCache() if self.config.verify_cache else None
-        hub_signer = sim_signer(seed, HUB, cache)
-        hub_keys = ring_of(hub_signer, cache=cache)
-        relay_signers = {r: sim_signer(seed, relay_id(r), cache) for r in self.fleet.regions}
+        keys = self.keys = Signatures(seed, self.config.signatures, cache=self.config.verify_cache)
+        hub_signer = keys.signer(HUB)
+        hub_keys = keys.ring(hub_signer)
+        relay_signers = {r: keys.signer(relay_id(r)) for r in self.fleet.regions}
         self.devices: dict[str, SimDevice] = {}
         for ref in self.fleet.devices:
             self.devices[ref.device_id] = SimDevice(
                 ref.device_id,
                 ref.region,
                 ref.profile,
-                signer=sim_signer(seed, ref.device_id, cache),
-                relay_keys=ring_of(relay_signers[ref.region], cache=cache),
+                signer=keys.signer(ref.device_id),
+                relay_keys=keys.ring(relay_signers[ref.region]),
                 hub_keys=hub_keys,
                 wire=self,
                 event_capacity=self.config.event_capacity,
@@ -212,7 +213,7 @@ class DeterministicSim:
                 hub_keys=hub_keys,
                 wire=self,
                 outbox_capacity=self.config.outbox_capacity,
-                cache=cache,
+                keys=keys,
             )
             self.relays[relay.id] = relay
         self.hub = SimHub(
@@ -220,8 +221,8 @@ class DeterministicSim:
             self.devices.values(),
             signer=hub_signer,
             wire=self,
+            keys=keys,
             dedupe=self.config.dedupe,
-            cache=cache,
         )
         self.hub_keys = hub_keys
         # Link and process state.
@@ -262,6 +263,7 @@ class DeterministicSim:
                 "duration_s": self.config.duration_s,
                 "faults": len(self.schedule.faults),
                 "dedupe": self.config.dedupe,
+                "signatures": self.config.signatures,
             },
             _SERIES,
         )
@@ -846,15 +848,7 @@ class DeterministicSim:
                 "dots": self.hub.ingestor.stats.dots,
                 "events": self.hub.ingestor.stats.events,
             },
-            "verify_cache": (
-                {}
-                if self.verify_cache is None
-                else {
-                    "hits": self.verify_cache.hits,
-                    "misses": self.verify_cache.misses,
-                    "evicted": self.verify_cache.evicted,
-                }
-            ),
+            "signatures": self.keys.stats(),
             "max_convergence_lag_s": max(lags, default=0.0),
             "invariants_ok": invariants.ok,
         }

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from simulator._detnodes import VerifyCache, ring_of, sim_signer
+from simulator._detnodes import Signatures, VerifyCache, ring_of, sim_signer
 from simulator.deterministic import SimConfig, run_deterministic
 from simulator.faults import FaultSchedule, load_fault_schedule
 from simulator.fleet import load_fleet_spec
 from simulator.report import render_html, report_json
 from sync._exceptions import SignatureError
+from sync.keys import KeyRing, Signer
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTAGE = load_fault_schedule(ROOT / "examples" / "faults" / "region-outage.yaml")
@@ -139,3 +141,47 @@ def test_recorded_signatures_spare_only_their_own_bytes() -> None:
         with pytest.raises(SignatureError):
             ring.verify(signer.key_id, data, bad)
     assert cache.hits == 1
+
+
+def test_modeled_signatures_give_the_ed25519_run_report() -> None:
+    """Keyed BLAKE2b tags in Ed25519's place change nothing a run reports but
+    its ``signatures`` entry: same keys and ids, same message sizes, same
+    refusals of garbage (the schedule sends some)."""
+    cfg = busy(devices=40, regions=2, duration_s=240, seed=8)
+    modeled = run_deterministic(cfg, MIXED, FLEET).report.to_dict()
+    real = run_deterministic(replace(cfg, signatures="ed25519"), MIXED, FLEET).report.to_dict()
+    assert modeled["final"].pop("signatures") == {"mode": "modeled"}
+    assert real["final"].pop("signatures")["mode"] == "ed25519"
+    assert modeled["meta"].pop("signatures") == "modeled"
+    assert real["meta"].pop("signatures") == "ed25519"
+    assert modeled["final"]["relay"]["garbage"] > 0
+    assert modeled == real
+
+
+def test_modeled_signatures_refuse_forgeries() -> None:
+    keys = Signatures(1)
+    signer, other = keys.signer("gw-1"), keys.signer("gw-2")
+    assert signer.key_id == sim_signer(1, "gw-1").key_id  # the Ed25519 key of the same seed
+    ring = keys.ring(signer)
+    tag = signer.sign(b"status")
+    assert len(tag) == 64
+    ring.verify(signer.key_id, b"status", tag)
+    bad = [
+        (signer.key_id, b"statuS", tag),  # other bytes
+        (signer.key_id, b"status", other.sign(b"status")),  # another node's tag
+        (signer.key_id, b"status", tag[:-1] + bytes([tag[-1] ^ 1])),  # a flipped bit
+        (signer.key_id, b"status", tag[:32]),  # short
+        (other.key_id, b"status", other.sign(b"status")),  # a key this ring does not trust
+    ]
+    for kid, data, sig in bad:
+        with pytest.raises(SignatureError):
+            ring.verify(kid, data, sig)
+    # A key that is not modeled (a real one) is verified as Ed25519.
+    real = Signer.generate()
+    mixed = keys.ring(real)
+    mixed.verify(real.key_id, b"x", real.sign(b"x"))
+    with pytest.raises(SignatureError):
+        mixed.verify(real.key_id, b"y", real.sign(b"x"))
+    assert isinstance(mixed, KeyRing)
+    with pytest.raises(ValueError, match="signatures"):
+        Signatures(1, "hmac")
