@@ -42,6 +42,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _cores() -> int:
+    import os  # noqa: PLC0415
+
+    return max(1, os.cpu_count() or 1)
+
+
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add ``sim`` (``run``, ``swarm``) and ``demo`` to the ``novacron`` parser.
 
@@ -109,7 +115,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="fail when a fault takes longer than S seconds to converge after its heal",
     )
     run.add_argument(
-        "--workers", type=_positive_int, default=None, help="worker processes (real mode)"
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="worker processes (default: one per core); in deterministic mode each runs a "
+        "group of regions and the report is the same for any number",
     )
     run.set_defaults(func=_cmd_run)
 
@@ -246,7 +256,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     display = ProgressDisplay(sys.stderr)
     try:
         result = run_deterministic(
-            config, schedule, fleet, schedule_source=source, progress=display.update
+            config,
+            schedule,
+            fleet,
+            schedule_source=source,
+            progress=display.update,
+            workers=args.workers or _cores(),
         )
     finally:
         display.close()

@@ -736,6 +736,10 @@ class SimRelay:
 class SimHub:
     """The hub: ingest of relay batches, hub-signed desired state, relay sessions.
 
+    A deterministic run makes one per region (the hub's shard for that region's
+    relay and devices; see :mod:`simulator.deterministic`), but nothing here
+    assumes it: given several relays, it serves them all.
+
     Args:
         dedupe: ``False`` plants a bug: events are stored as they arrive in
             batches, duplicates included, as a hub without dedupe would.

@@ -1,6 +1,6 @@
 """Deterministic mode: virtual time, a simulated network, the real sync logic.
 
-One process, one thread, no I/O and no wall clock: a priority queue of timed
+One thread per worker, no I/O and no wall clock: a priority queue of timed
 events (message deliveries, session timers, workload crashes, telemetry,
 rollouts, faults, samples) drives device agents, relays and a hub built from
 the project's pure cores (see :mod:`simulator._detnodes`). Every random choice
@@ -14,9 +14,26 @@ when they arrive); brokers, relays and the hub can be killed and restarted (a
 restart keeps what production keeps on disk: replicas, outboxes, cursors, and
 starts new sessions).
 
+**Regions run apart, on every core.** Nothing a region's devices, relay and
+hub sessions do reaches another region: every scope is one device's, the hub
+ingests and dedupes per device, and desired state goes down through the
+device's own relay. So the hub is simulated as one shard per region (its
+sessions, store and ingest for that region), each region draws its own random
+numbers (network and workloads), and what does cross regions is a function of
+the seed alone: the fault timeline and the link state it drives, rollout
+versions, and the placement of ``web`` replicas (decided from that link state
+with a generator of its own, identically in every worker). A worker process
+runs a contiguous group of regions; the workers' outcomes are merged in region
+order. Events that act on every region (faults, samples, sweeps, rollouts,
+placement, settle checks) run before any region's event of the same
+millisecond, so a region's run is the same whatever group it is in, and the
+report is the same byte for byte for any number of workers (tested).
+
 At ``duration_s`` new activity stops, every fault is healed, and the run goes
-on (up to ``settle_max_s``) until it is quiet; then the invariants are checked
-over what was observed (:mod:`simulator.invariants`).
+on (up to ``settle_max_s``) until every region is quiet; then the invariants
+are checked over what was observed (:mod:`simulator.invariants`): per region
+for events, deltas and signatures, over the merged samples and workloads for
+convergence and single copies.
 """
 
 from __future__ import annotations
@@ -24,11 +41,15 @@ from __future__ import annotations
 import gc
 import heapq
 import logging
+import multiprocessing
 import random
 import time
+import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from firmware_profiles._loader import load_profile
@@ -46,6 +67,8 @@ from simulator._detnodes import (
 from simulator.faults import Action, FaultSchedule, FaultTimeline
 from simulator.fleet import Fleet, FleetSpec, assign_fleet, default_fleet_spec, outage_means
 from simulator.invariants import (
+    FLEET_INVARIANTS,
+    LOCAL_INVARIANTS,
     AppliedEntry,
     DotKey,
     EventKey,
@@ -56,6 +79,7 @@ from simulator.invariants import (
     RunningCopy,
     StateSample,
     check_invariants,
+    merge_reports,
     scope_digest,
 )
 from simulator.progress import Progress
@@ -111,7 +135,7 @@ class SimConfig:
     """``"modeled"``: keyed BLAKE2b tags stand in for Ed25519 signatures
     (:class:`~simulator._detnodes.ModeledKey`); ``"ed25519"``: real ones."""
     verify_cache: bool = True
-    """With Ed25519, compute each verification once per run (exact; see ``VerifyCache``)."""
+    """With Ed25519, compute each verification once per worker (exact; see ``VerifyCache``)."""
 
 
 @dataclass
@@ -131,8 +155,47 @@ class _Link:
     loss: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Point:
+    """A worker's part of one sample, in integers (summed exactly across workers)."""
+
+    t: float
+    online: int
+    converged: int
+    split: int
+    delivered: int
+    lost: int
+    outbox: int
+    pending: int
+    stored: int
+
+
+@dataclass
+class ShardOutcome:
+    """What one worker's group of regions observed (merged by :func:`_assemble`)."""
+
+    regions: tuple[str, ...]
+    end_ms: int
+    points: list[_Point]
+    samples: list[StateSample]
+    heals: list[HealMark]
+    running: list[RunningCopy]
+    reports: list[InvariantReport]
+    """Per region, in region order: the events, deltas and signature checks."""
+    messages: Counter[str]
+    faults: Counter[str]
+    global_events: int
+    device_stats: Counter[str]
+    relay_stats: Counter[str]
+    hub_stats: Counter[str]
+    ingest: Counter[str]
+    events_stored: int
+    events_dropped: int
+    signatures: dict[str, Any]
+
+
 class DeterministicSim:
-    """One seeded run. Build it, then :meth:`run` it once.
+    """One seeded run of a group of regions. Build it, then :meth:`run` it once.
 
     Args:
         config: run parameters.
@@ -141,6 +204,7 @@ class DeterministicSim:
         schedule_source: the schedule's file name, for errors.
         progress: called with a :class:`~simulator.progress.Progress` at every
             sample (to show it; it must not change anything).
+        regions: the regions this worker simulates (default: all of them).
     """
 
     def __init__(
@@ -151,12 +215,20 @@ class DeterministicSim:
         *,
         schedule_source: str = "",
         progress: Callable[[Progress], None] | None = None,
+        regions: Collection[str] | None = None,
     ) -> None:
         self.config = config
         self._progress = progress
+        self._point_sink: Callable[[_Point], None] | None = None
         spec = fleet_spec or default_fleet_spec()
         self.fleet: Fleet = assign_fleet(
             spec, config.devices, regions=config.regions, seed=config.seed
+        )
+        unknown = set(regions or ()) - set(self.fleet.regions)
+        if unknown:
+            raise ValueError(f"regions not in the fleet: {', '.join(sorted(unknown))}")
+        self.local: tuple[str, ...] = tuple(
+            r for r in self.fleet.regions if regions is None or r in regions
         )
         self.schedule = schedule or FaultSchedule()
         profiles = sorted({d.profile for d in self.fleet.devices})
@@ -177,34 +249,50 @@ class DeterministicSim:
         self.now = _START_MS
         self._heap: list[tuple[int, int, Callable[[Any], None], Any]] = []
         self._seq = 0
+        self._gseq = 0
         self._ticks: set[tuple[str, str]] = set()
-        self.net_rng = random.Random(config.seed * 2 + 1)
-        self.work_rng = random.Random(config.seed * 2 + 2)
+        seed = config.seed
+        # Each region draws its own numbers; placement has a generator of its
+        # own that every worker advances identically (string seeds hash with
+        # SHA-512, the same in every process).
+        self._net_rng = {r: random.Random(f"{seed}/net/{r}") for r in self.fleet.regions}
+        self._work_rng = {r: random.Random(f"{seed}/work/{r}") for r in self.fleet.regions}
+        self.place_rng = random.Random(f"{seed}/placement")
         self.counters: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        self._global_events = 0
         self._build()
 
     # -- construction --------------------------------------------------------------
 
     def _build(self) -> None:
-        seed = self.config.seed
-        keys = self.keys = Signatures(seed, self.config.signatures, cache=self.config.verify_cache)
+        keys = self.keys = Signatures(
+            self.config.seed, self.config.signatures, cache=self.config.verify_cache
+        )
         hub_signer = keys.signer(HUB)
         hub_keys = keys.ring(hub_signer)
-        relay_signers = {r: keys.signer(relay_id(r)) for r in self.fleet.regions}
+        local = set(self.local)
+        # Every device's region (link state and placement span the fleet).
+        self.region_of: dict[str, str] = {d.device_id: d.region for d in self.fleet.devices}
+        self.region_of.update({relay_id(r): r for r in self.fleet.regions})
+        self.all_devices: list[str] = sorted(d.device_id for d in self.fleet.devices)
+        relay_signers = {r: keys.signer(relay_id(r)) for r in self.local}
         self.devices: dict[str, SimDevice] = {}
-        for ref in self.fleet.devices:
-            self.devices[ref.device_id] = SimDevice(
-                ref.device_id,
-                ref.region,
-                ref.profile,
-                signer=keys.signer(ref.device_id),
-                relay_keys=keys.ring(relay_signers[ref.region]),
-                hub_keys=hub_keys,
-                wire=self,
-                event_capacity=self.config.event_capacity,
-            )
+        for ref in self.fleet.devices:  # fleet order, as the regions' random draws go
+            if ref.region in local:
+                self.devices[ref.device_id] = SimDevice(
+                    ref.device_id,
+                    ref.region,
+                    ref.profile,
+                    signer=keys.signer(ref.device_id),
+                    relay_keys=keys.ring(relay_signers[ref.region]),
+                    hub_keys=hub_keys,
+                    wire=self,
+                    event_capacity=self.config.event_capacity,
+                )
         self.relays: dict[str, SimRelay] = {}
-        for region in self.fleet.regions:
+        self.hubs: dict[str, SimHub] = {}
+        for region in self.local:
             members = [d for d in self.devices.values() if d.region == region]
             relay = SimRelay(
                 region,
@@ -216,17 +304,19 @@ class DeterministicSim:
                 keys=keys,
             )
             self.relays[relay.id] = relay
-        self.hub = SimHub(
-            self.relays.values(),
-            self.devices.values(),
-            signer=hub_signer,
-            wire=self,
-            keys=keys,
-            dedupe=self.config.dedupe,
-        )
+            # The hub's shard for the region: its relay session, store and ingest.
+            self.hubs[region] = SimHub(
+                [relay],
+                members,
+                signer=hub_signer,
+                wire=self,
+                keys=keys,
+                dedupe=self.config.dedupe,
+            )
         self.hub_keys = hub_keys
-        # Link and process state.
-        self.dev_up = dict.fromkeys(self.devices, True)
+        self._owns_global = self.fleet.regions[0] in local
+        # Link and process state: of the whole fleet (placement reads it).
+        self.dev_up = dict.fromkeys((d.device_id for d in self.fleet.devices), True)
         # Kept as they change, so a sample costs O(regions + changes), not O(devices).
         self._members = Counter(d.region for d in self.devices.values())
         self._down = Counter[str]()
@@ -248,73 +338,68 @@ class DeterministicSim:
         self._dirty: set[tuple[str, str]] = set()
         self._split: set[str] = set()
         self.samples: list[StateSample] = []
+        self.points: list[_Point] = []
         # Workloads.
         self.web: dict[int, str] = {}
         self._web_gen = 0
         self._offline_since: dict[str, int] = {}
         self._version = 1
-        self.builder = ReportBuilder(
-            "NovaCron deterministic simulation",
-            {
-                "mode": "deterministic",
-                "seed": self.config.seed,
-                "devices": self.config.devices,
-                "regions": len(self.fleet.regions),
-                "duration_s": self.config.duration_s,
-                "faults": len(self.schedule.faults),
-                "dedupe": self.config.dedupe,
-                "signatures": self.config.signatures,
-            },
-            _SERIES,
-        )
-        self._last_sample: tuple[int, int, int] = (self.now, 0, 0)
 
-    # -- the Wire protocol for nodes --------------------------------------------------
+    # -- the Wire protocol for nodes, and the event queue ---------------------------
 
     def now_ms(self) -> int:
         """Virtual time in ms."""
         return self.now
 
     def _at(self, t_ms: int, fn: Callable[[Any], None], arg: Any = None) -> None:
+        """Schedule a region's event (after the global events of the same millisecond)."""
         self._seq += 1
         heapq.heappush(self._heap, (t_ms, self._seq, fn, arg))
 
     def _after_s(self, seconds: float, fn: Callable[[Any], None], arg: Any = None) -> None:
         self._at(self.now + max(1, round(seconds * 1000)), fn, arg)
 
-    def _region_of(self, node: str) -> str:
-        return self.devices[node].region if node in self.devices else self.relays[node].region
+    def _at_global(self, t_ms: int, fn: Callable[[Any], None], arg: Any = None) -> None:
+        """Schedule an event that acts on every region (every worker runs it alike).
+
+        Negative sequence numbers put it before any region's event of the same
+        millisecond, in the order every worker schedules them.
+        """
+        self._gseq -= 1
+        heapq.heappush(self._heap, (t_ms, self._gseq, fn, arg))
+
+    def _global_after_s(self, seconds: float, fn: Callable[[Any], None], arg: Any = None) -> None:
+        self._at_global(self.now + max(1, round(seconds * 1000)), fn, arg)
+
+    # -- the network -----------------------------------------------------------------
+
+    def _hub_link_ok(self, region: str) -> bool:
+        return (
+            self.hub_up
+            and self.hub_broker_up
+            and self.relay_up[region]
+            and not self.partitioned[region]
+        )
 
     def link_ok(self, a: str, b: str) -> bool:
-        """Whether ``a`` and ``b`` can talk now."""
+        """Whether ``a`` and ``b`` can talk now (any node of the fleet)."""
         if b == FORWARDER:
             b = HUB
         if HUB in (a, b):
-            region = self.relays[b if a == HUB else a].region
-            return (
-                self.hub_up
-                and self.hub_broker_up
-                and self.relay_up[region]
-                and not self.partitioned[region]
-            )
-        device = a if a in self.devices else b
-        region = self.devices[device].region
+            return self._hub_link_ok(self.region_of[b if a == HUB else a])
+        device = a if a in self.dev_up else b
+        region = self.region_of[device]
         return self.dev_up[device] and self.region_broker_up[region] and self.relay_up[region]
-
-    def _link(self, a: str, b: str) -> _Link:
-        if HUB in (a, b):
-            return self._hub_link
-        device = self.devices[a] if a in self.devices else self.devices[b]
-        return self._links[device.profile]
 
     def send(self, src: str, dst: str, data: bytes) -> None:
         """Put a message on the virtual network (lost if the link is down or by chance)."""
         counters = self.counters
         counters["sent"] += 1
-        # link_ok and _link, inlined: this runs for every message.
+        # link_ok and the link, inlined: this runs for every message.
         device = self.devices.get(src) or self.devices.get(dst)
         if device is None:
-            ok = self.link_ok(src, dst)
+            region = self.region_of[dst if src == HUB else src]
+            ok = self._hub_link_ok(region)
             link = self._hub_link
         else:
             region = device.region
@@ -323,7 +408,7 @@ class DeterministicSim:
         if not ok:
             counters["lost_down"] += 1
             return
-        rng = self.net_rng
+        rng = self._net_rng[region]
         if link.loss and rng.random() < link.loss:
             counters["lost_random"] += 1
             return
@@ -346,7 +431,7 @@ class DeterministicSim:
             return
         self.counters["delivered"] += 1
         if dst == HUB:
-            self.hub.receive(src, data)
+            self.hubs[self.region_of[src]].receive(src, data)
         elif device is not None and dst == device.id:
             device.receive(data)
         else:
@@ -373,7 +458,7 @@ class DeterministicSim:
         if not self.link_ok(node, peer):
             return  # the reconnect wakes it
         if node == HUB:
-            busy = self.hub.tick(peer)
+            busy = self.hubs[self.region_of[peer]].tick(peer)
         elif node in self.relays:
             busy = self.relays[node].tick(peer)
         else:
@@ -384,10 +469,10 @@ class DeterministicSim:
     def _set_dev_up(self, device: str, *, up: bool) -> None:
         if self.dev_up[device] != up:
             self.dev_up[device] = up
-            self._down[self.devices[device].region] += -1 if up else 1
+            self._down[self.region_of[device]] += -1 if up else 1
 
     def _online(self) -> int:
-        """Devices whose link to their relay is up (as :meth:`link_ok`)."""
+        """This worker's devices whose link to their relay is up (as :meth:`link_ok`)."""
         return sum(
             members - self._down[region]
             for region, members in self._members.items()
@@ -407,34 +492,37 @@ class DeterministicSim:
         """Mark ``replica``'s copy of ``scope`` for re-digest at the next sample."""
         self._dirty.add((replica, scope))
 
+    def _local(self, device: str) -> bool:
+        return device in self.devices
+
     # -- activity ----------------------------------------------------------------------
 
     def _start(self) -> None:
         for relay in self.relays.values():
             relay.reconnect_hub()
-        self.hub.start()
+        for hub in self.hubs.values():
+            hub.start()
         for d in self.devices.values():
-            self._after_s(
-                self.work_rng.random() * self.config.connect_spread_s, self._connect, d.id
-            )
+            rng = self._work_rng[d.region]
+            self._after_s(rng.random() * self.config.connect_spread_s, self._connect, d.id)
             if self.config.event_interval_s > 0:
-                phase = self.work_rng.random() * self.config.event_interval_s
+                phase = rng.random() * self.config.event_interval_s
                 self._after_s(phase, self._telemetry, (d.id, 0))
             if self.config.status_interval_s > 0:
-                phase = self.work_rng.random() * self.config.status_interval_s
+                phase = rng.random() * self.config.status_interval_s
                 self._after_s(phase, self._status, (d.id, 0))
             if self.config.crash_mean_s > 0:
-                gap = self.work_rng.expovariate(1 / self.config.crash_mean_s)
+                gap = rng.expovariate(1 / self.config.crash_mean_s)
                 self._after_s(gap, self._crash, d.id)
-        self._after_s(1.0, self._initial_desired)
+        self._global_after_s(1.0, self._initial_desired)
         if self.config.rollout_every_s:
-            self._after_s(self.config.rollout_every_s, self._rollout)
+            self._global_after_s(self.config.rollout_every_s, self._rollout)
         for action in self.timeline:
-            self._at(_START_MS + round(action.t * 1000), self._fault, action)
-        self._after_s(self.config.sample_s, self._sample)
-        self._after_s(self.config.sweep_s, self._sweep)
+            self._at_global(_START_MS + round(action.t * 1000), self._fault, action)
+        self._global_after_s(self.config.sample_s, self._sample)
+        self._global_after_s(self.config.sweep_s, self._sweep)
         if self.config.web_replicas:
-            self._after_s(self.config.move_check_s, self._check_moves)
+            self._global_after_s(self.config.move_check_s, self._check_moves)
 
     def _connect(self, device: str) -> None:
         if self.link_ok(device, self.devices[device].relay):
@@ -457,14 +545,21 @@ class DeterministicSim:
     def _crash(self, device: str) -> None:
         if not self.active:
             return
-        self.devices[device].crash(self.work_rng)
-        self._after_s(self.work_rng.expovariate(1 / self.config.crash_mean_s), self._crash, device)
+        d = self.devices[device]
+        rng = self._work_rng[d.region]
+        d.crash(rng)
+        self._after_s(rng.expovariate(1 / self.config.crash_mean_s), self._crash, device)
+
+    def _set_desired(self, device: str, key: str, value: Any) -> None:
+        """The hub's write of ``device``'s desired state, where this worker runs it."""
+        if device in self.devices:
+            self.hubs[self.devices[device].region].set_desired(device, key, value)
 
     def _initial_desired(self, _: object = None) -> None:
         for d in sorted(self.devices):
-            self.hub.set_desired(d, "telemetry", {"deployment": "telemetry", "version": "1"})
-        hosts = self.work_rng.sample(
-            sorted(self.devices), min(self.config.web_replicas, len(self.devices))
+            self._set_desired(d, "telemetry", {"deployment": "telemetry", "version": "1"})
+        hosts = self.place_rng.sample(
+            self.all_devices, min(self.config.web_replicas, len(self.all_devices))
         )
         for slot, device in enumerate(hosts):
             self._place_web(slot, device)
@@ -473,7 +568,7 @@ class DeterministicSim:
         self._web_gen += 1
         self.web[slot] = device
         spec = {"deployment": "web", "slot": slot, "version": "1", "gen": self._web_gen}
-        self.hub.set_desired(device, "web", spec)
+        self._set_desired(device, "web", spec)
 
     def _rollout(self, _: object = None) -> None:
         if not self.active:
@@ -481,21 +576,24 @@ class DeterministicSim:
         self._version += 1
         spec = {"deployment": "telemetry", "version": str(self._version)}
         for d in sorted(self.devices):
-            self._after_s(
-                self.work_rng.random() * self.config.rollout_spread_s, self._roll_one, (d, spec)
-            )
-        self._after_s(self.config.rollout_every_s or 0, self._rollout)
+            rng = self._work_rng[self.region_of[d]]
+            self._after_s(rng.random() * self.config.rollout_spread_s, self._roll_one, (d, spec))
+        self._global_after_s(self.config.rollout_every_s or 0, self._rollout)
 
     def _roll_one(self, arg: tuple[str, dict[str, Any]]) -> None:
         if self.hub_up:
-            self.hub.set_desired(arg[0], "telemetry", arg[1])
+            self._set_desired(arg[0], "telemetry", arg[1])
 
     def _hub_sees(self, device: str) -> bool:
-        d = self.devices[device]
-        return self.link_ok(device, d.relay) and self.link_ok(d.relay, HUB)
+        region = self.region_of[device]
+        return self.link_ok(device, relay_id(region)) and self._hub_link_ok(region)
 
     def _check_moves(self, _: object = None) -> None:
-        """The controller's lost-device rebalance, for the ``web`` replicas."""
+        """The controller's lost-device rebalance, for the ``web`` replicas.
+
+        It reads only link state, which faults alone drive, so every worker
+        decides the same moves; each writes the desired state of its own devices.
+        """
         if self.active and self.hub_up:
             for slot, device in sorted(self.web.items()):
                 if self._hub_sees(device):
@@ -505,18 +603,17 @@ class DeterministicSim:
                 if self.now - since < self.config.move_after_s * 1000:
                     continue
                 hosting = set(self.web.values())
-                candidates = [
-                    d for d in sorted(self.devices) if d not in hosting and self._hub_sees(d)
-                ]
+                candidates = [d for d in self.all_devices if d not in hosting and self._hub_sees(d)]
                 if not candidates:
                     continue
-                target = self.work_rng.choice(candidates)
-                self.hub.set_desired(device, "web", None)
+                target = self.place_rng.choice(candidates)
+                self._set_desired(device, "web", None)
                 self._offline_since.pop(device, None)
-                self.counters["web_moves"] += 1
+                if device in self.devices:
+                    self.counters["web_moves"] += 1
                 self._place_web(slot, target)
         if self.active:
-            self._after_s(self.config.move_check_s, self._check_moves)
+            self._global_after_s(self.config.move_check_s, self._check_moves)
 
     def _sweep(self, _: object = None) -> None:
         """Wake every session now and then (anti-entropy, a safety net)."""
@@ -526,12 +623,23 @@ class DeterministicSim:
             self.wake(relay.id, HUB)
             self.wake(relay.id, FORWARDER)
             self.wake(HUB, relay.id)
-        self._after_s(self.config.sweep_s, self._sweep)
+        self._global_after_s(self.config.sweep_s, self._sweep)
 
     # -- faults ------------------------------------------------------------------------
 
+    def _owns(self, a: Action) -> bool:
+        """Whether this worker counts ``a`` (each action is counted by one worker)."""
+        if a.device is not None:
+            return a.device in self.devices
+        if a.region is not None:
+            return relay_id(a.region) in self.relays
+        return self._owns_global
+
     def _fault(self, a: Action) -> None:
-        self.counters[f"fault_{a.kind}"] += 1
+        # Link and process flags change in every worker (placement reads them
+        # fleet-wide); nodes are acted on where they run.
+        if self._owns(a):
+            self.faults[a.kind] += 1
         region = a.region
         match a.kind:
             case "partition":
@@ -547,7 +655,8 @@ class DeterministicSim:
             case "link_up":
                 assert a.device is not None
                 self._set_dev_up(a.device, up=True)
-                self._connect(a.device)
+                if a.device in self.devices:
+                    self._connect(a.device)
             case "kill_relay":
                 assert region is not None
                 self.relay_up[region] = False
@@ -567,18 +676,21 @@ class DeterministicSim:
                 self._restart_broker(region)
             case "skew_clock" | "unskew_clock":
                 assert a.device is not None
-                self.devices[a.device].clock.offset_ms = a.value if a.kind == "skew_clock" else 0
+                if a.device in self.devices:
+                    offset = a.value if a.kind == "skew_clock" else 0
+                    self.devices[a.device].clock.offset_ms = offset
             case "fill_disk" | "free_disk":
                 assert a.device is not None
-                self.devices[a.device].disk_full = a.kind == "fill_disk"
+                if a.device in self.devices:
+                    self.devices[a.device].disk_full = a.kind == "fill_disk"
             case "garbage":
                 assert a.device is not None
-                d = self.devices[a.device]
-                if self.link_ok(d.id, d.relay):
-                    d.garbage(self.net_rng)
+                d = self.devices.get(a.device)
+                if d is not None and self.link_ok(d.id, d.relay):
+                    d.garbage(self._net_rng[d.region])
 
     def _reconnect_relay_hub(self, relay: str) -> None:
-        if self.link_ok(relay, HUB):
+        if relay in self.relays and self.link_ok(relay, HUB):
             self.relays[relay].reconnect_hub()
             self.wake(HUB, relay)
             self.wake(relay, FORWARDER)
@@ -588,6 +700,8 @@ class DeterministicSim:
             return
         self.relay_up[region] = True
         rid = relay_id(region)
+        if rid not in self.relays:
+            return
         self.relays[rid].restart(start=True)
         self.wake(HUB, rid)
         for d in self.devices.values():
@@ -598,7 +712,8 @@ class DeterministicSim:
         if self.hub_up:
             return
         self.hub_up = True
-        self.hub.restart(start=True)
+        for hub in self.hubs.values():
+            hub.restart(start=True)
         for relay in self.relays:
             self._reconnect_relay_hub(relay)
 
@@ -638,16 +753,20 @@ class DeterministicSim:
         for d in self.devices.values():
             d.clock.offset_ms = 0
             d.disk_full = False
-            if not self.dev_up[d.id]:
-                self._set_dev_up(d.id, up=True)
-                self._connect(d.id)
+        for device in [d for d, up in self.dev_up.items() if not up]:
+            self._set_dev_up(device, up=True)
+            if device in self.devices:
+                self._connect(device)
         return was
 
     # -- sampling ------------------------------------------------------------------------
 
+    def _scope_region(self, scope: str) -> str:
+        return self.region_of[scope.split("/", 1)[1]]
+
     def _replica_map(self, replica: str, scope: str) -> Any:
         if replica == HUB:
-            return self.hub.replica.scope(scope)
+            return self.hubs[self._scope_region(scope)].replica.scope(scope)
         if replica in self.relays:
             return self.relays[replica].replica.scope(scope)
         return self.devices[replica].replica.scope(scope)
@@ -681,45 +800,51 @@ class DeterministicSim:
             for replica in self._replicas[scope]
         )
         self.samples.append(StateSample(t, digests))
-        last_ms, last_delivered, last_lost = self._last_sample
-        dt = max((self.now - last_ms) / 1000, 1e-9)
-        delivered = self.counters["delivered"]
         lost = (
             self.counters["lost_down"]
             + self.counters["lost_random"]
             + self.counters["lost_in_flight"]
         )
         split_devices = {s.split("/", 1)[1] for s in self._split}
-        online = self._online()
-        outbox = sum(len(r.outbox) for r in self.relays.values())
-        self.builder.record(
+        point = _Point(
             t,
-            devices_online=online,
-            converged_devices=len(self.devices) - len(split_devices),
-            split_scopes=len(self._split),
-            msgs_per_s=(delivered - last_delivered) / dt,
-            lost_per_s=(lost - last_lost) / dt,
-            outbox_items=outbox,
-            device_events_pending=self._pending_events(),
+            online=self._online(),
+            converged=len(self.devices) - len(split_devices),
+            split=len(self._split),
+            delivered=self.counters["delivered"],
+            lost=lost,
+            outbox=sum(len(r.outbox) for r in self.relays.values()),
+            pending=self._pending_events(),
+            stored=sum(len(h.stored) for h in self.hubs.values()),
         )
-        self._last_sample = (self.now, delivered, lost)
-        if self._progress is not None:
+        self.points.append(point)
+        if self._point_sink is not None:
+            self._point_sink(point)
+        elif self._progress is not None:
             self._progress(
-                Progress(
-                    t,
+                _progress(
+                    point,
+                    self._last_point,
                     self.config.duration_s,
-                    len(self.devices),
-                    online,
-                    len(self.devices) - len(split_devices),
-                    (delivered - last_delivered) / dt,
-                    "msg",
-                    f"outbox {outbox}  events stored {len(self.hub.stored):,}",
+                    len(self.region_of) - len(self.fleet.regions),
                 )
             )
+        self._last_point = point
+
+    _last_point: _Point | None = None
+
+    def _quiet_since(self, floor: int) -> bool:
+        return self._quiet_sample is not None and self._quiet_sample >= floor
+
+    _settling = False
+    _quiet_sample: int | None = None
+    """Settling: the last sample at which every region of this worker was quiet."""
 
     def _sample(self, _: object = None) -> None:
         self._take_sample()
-        self._after_s(self.config.sample_s, self._sample)
+        if self._settling and all(self._quiet(r) for r in self.local):
+            self._quiet_sample = self.now
+        self._global_after_s(self.config.sample_s, self._sample)
         # What survived until now (replicas, stored events, samples) is kept for
         # the run: move it out of the cyclic collector's sight. Its full passes
         # otherwise walk millions of such objects again and again as they
@@ -728,49 +853,65 @@ class DeterministicSim:
         # have been freed; young objects are still collected as usual.
         gc.freeze()
 
-    def _quiet(self) -> bool:
-        if self._split or any(r.outbox for r in self.relays.values()):
+    def _quiet(self, region: str) -> bool:
+        """Whether ``region`` has nothing left to converge, forward or acknowledge."""
+        rid = relay_id(region)
+        if any(self._scope_region(s) == region for s in self._split):
             return False
-        if any(d.busy() for d in self.devices.values()):
+        relay = self.relays[rid]
+        if relay.outbox:
             return False
-        return all(s.unacked == 0 for r in self.relays.values() for s in r.device_sessions.values())
+        if any(d.busy() for d in self.devices.values() if d.region == region):
+            return False
+        return all(s.unacked == 0 for s in relay.device_sessions.values())
 
     # -- the run --------------------------------------------------------------------------
 
     def _run_until(self, end_ms: int, stop: Callable[[], bool] | None = None) -> None:
+        """Run every event up to ``end_ms`` (or until ``stop``, asked at each global event)."""
         heap = self._heap
         pop = heapq.heappop
-        check_every = round(self.config.sample_s * 1000)
-        next_check = self.now + check_every
-        n = 0  # events run, added to the counter once (nothing reads it meanwhile)
+        n = g = 0  # events run, added to the counters once (nothing reads them meanwhile)
         try:
             while heap and heap[0][0] <= end_ms:
-                t, _, fn, arg = pop(heap)
+                t, seq, fn, arg = pop(heap)
                 self.now = t
                 fn(arg)
                 n += 1
-                if stop is not None and t >= next_check:
-                    next_check = t + check_every
-                    if stop():
+                if seq < 0:
+                    g += 1
+                    if stop is not None and stop():
                         return
         finally:
-            if n:
-                self.counters["events"] += n
-        self.now = max(self.now, end_ms) if stop is None else self.now
+            self.counters["events"] += n - g
+            self._global_events += g
+        self.now = max(self.now, end_ms)
 
     def run(self) -> SimResult:
         """Run the schedule, settle, check the invariants, build the report."""
+        wall0 = time.perf_counter()
+        outcome = self.run_shard(lambda quiet_ms: (True, quiet_ms))
+        result = _assemble(self.config, self.fleet, self.schedule, [outcome])
+        result.wall_s = time.perf_counter() - wall0
+        return result
+
+    def run_shard(self, agree: Callable[[int], tuple[bool, int]]) -> ShardOutcome:
+        """Run this worker's regions to the end and return what they observed.
+
+        Settling, ``agree`` is given the first sample time at which every region
+        here is quiet (or the settle deadline) and returns whether the run ends
+        there and when: ``(True, t)`` ends it at ``t`` (the time all workers
+        agree on); ``(False, t)`` asks for the first such time at or after ``t``.
+        """
         try:
-            return self._run()
+            return self._run_shard(agree)
         finally:
             gc.unfreeze()  # see _sample
 
-    def _run(self) -> SimResult:
-        wall0 = time.perf_counter()
+    def _run_shard(self, agree: Callable[[int], tuple[bool, int]]) -> ShardOutcome:
         self._start()
         end = _START_MS + round(self.config.duration_s * 1000)
         self._run_until(end)
-        self.now = max(self.now, end)
         self.active = False
         heals = [
             HealMark(fault, t, self.schedule.faults[fault].kind)
@@ -778,80 +919,346 @@ class DeterministicSim:
         ]
         if self._heal_all():
             heals.append(HealMark(-1, self.config.duration_s, "end"))
+        # Settle: each sample (a global event: the same virtual times in every
+        # worker) notes whether all of this worker's regions are quiet. The run
+        # ends at the first sample where every region of every worker is: each
+        # worker offers its next quiet sample, and they agree on the latest
+        # until all offer the same one (or the deadline passes).
         settle_end = self.now + round(self.config.settle_max_s * 1000)
-
-        def quiet() -> bool:
-            self._update_digests()
-            return self._quiet()
-
-        self._run_until(settle_end, quiet)
+        self._settling = True
+        floor = self.now
+        while True:
+            if self._quiet_sample is None or self._quiet_sample < floor:
+                self._run_until(settle_end, partial(self._quiet_since, floor))
+            offer = self._quiet_sample
+            if offer is None or offer < floor:
+                offer = settle_end
+            done, floor = agree(offer)
+            if done:
+                break
+        self._run_until(floor)
+        self.now = floor
         self._take_sample()
-        observations = self._observations(heals)
-        invariants = check_invariants(observations)
-        final = self._final(invariants)
-        report = self.builder.build(lags=invariants.lags, final=final, invariants=invariants)
-        wall = time.perf_counter() - wall0
-        return SimResult(report, invariants, wall, dict(self.counters))
+        return self._outcome(heals)
 
-    def _observations(self, heals: list[HealMark]) -> Observations:
-        obs = Observations(
-            samples=self.samples,
-            heals=heals,
-            hub_events=self.hub.stored,
-            replicas={"web": self.config.web_replicas} if self.config.web_replicas else {},
-            hub_keys=self.hub_keys,
-            converge_deadline_s=self.config.converge_deadline_s,
-        )
+    def _region_report(self, region: str) -> InvariantReport:
+        hub = self.hubs[region]
+        obs = Observations(hub_events=hub.stored, hub_keys=self.hub_keys)
         for d in self.devices.values():
+            if d.region != region:
+                continue
             obs.acked_events += [EventKey(d.id, "events", s) for s in range(1, d.events.first_seq)]
             for dot in d.acked_dots():
                 obs.acked_dots.append(DotKey(d.scope, dot.origin, dot.counter))
-            obs.hub_vectors[d.scope] = self.hub.replica.scope(d.scope).context
-            for name, spec in sorted(d.running.items()):
-                if spec.get("deployment") == "web":
-                    obs.running.append(RunningCopy("web", int(spec["slot"]), d.id))
-                del name
+            obs.hub_vectors[d.scope] = hub.replica.scope(d.scope).context
             obs.applied_desired += [
                 AppliedEntry(d.id, d.desired, tuple(e))
                 for e in d.replica.scope(d.desired).entries_wire()
             ]
-        return obs
+        return check_invariants(obs, only=LOCAL_INVARIANTS)
 
-    def _final(self, invariants: InvariantReport) -> dict[str, Any]:
-        dropped = sum(d.events.dropped for d in self.devices.values())
+    def _outcome(self, heals: list[HealMark]) -> ShardOutcome:
+        running = [
+            RunningCopy("web", int(spec["slot"]), d.id)
+            for d in self.devices.values()
+            for _, spec in sorted(d.running.items())
+            if spec.get("deployment") == "web"
+        ]
         device_stats: Counter[str] = Counter()
         for d in self.devices.values():
             device_stats.update(d.stats)
         relay_stats: Counter[str] = Counter()
         for r in self.relays.values():
             relay_stats.update(r.stats)
-        lags = [x.lag_s for x in invariants.lags if x.lag_s is not None]
-        return {
-            "sim_seconds": round((self.now - _START_MS) / 1000, 3),
-            "devices": len(self.devices),
-            "regions": len(self.relays),
-            "messages": {
-                k: v for k, v in sorted(self.counters.items()) if not k.startswith("fault_")
-            },
-            "faults_applied": {
-                k[6:]: v for k, v in sorted(self.counters.items()) if k.startswith("fault_")
-            },
-            "events_stored": len(self.hub.stored),
-            "events_dropped_by_quota": dropped,
-            "device": dict(sorted(device_stats.items())),
-            "relay": dict(sorted(relay_stats.items())),
-            "hub": dict(sorted(self.hub.stats.items())),
-            "ingest": {
-                "batches": self.hub.ingestor.stats.batches,
-                "duplicates": self.hub.ingestor.stats.duplicates,
-                "held": self.hub.ingestor.stats.held,
-                "dots": self.hub.ingestor.stats.dots,
-                "events": self.hub.ingestor.stats.events,
-            },
-            "signatures": self.keys.stats(),
-            "max_convergence_lag_s": max(lags, default=0.0),
-            "invariants_ok": invariants.ok,
-        }
+        hub_stats: Counter[str] = Counter()
+        ingest: Counter[str] = Counter()
+        for h in self.hubs.values():
+            hub_stats.update(h.stats)
+            s = h.ingestor.stats
+            ingest.update(
+                batches=s.batches,
+                duplicates=s.duplicates,
+                held=s.held,
+                dots=s.dots,
+                events=s.events,
+            )
+        return ShardOutcome(
+            regions=self.local,
+            end_ms=self.now,
+            points=self.points,
+            samples=self.samples,
+            heals=heals,
+            running=running,
+            reports=[self._region_report(r) for r in self.local],
+            messages=self.counters,
+            faults=self.faults,
+            global_events=self._global_events,
+            device_stats=device_stats,
+            relay_stats=relay_stats,
+            hub_stats=hub_stats,
+            ingest=ingest,
+            events_stored=sum(len(h.stored) for h in self.hubs.values()),
+            events_dropped=sum(d.events.dropped for d in self.devices.values()),
+            signatures=self.keys.stats(),
+        )
+
+
+# -- merging workers' outcomes ---------------------------------------------------------
+
+
+def _progress(point: _Point, last: _Point | None, duration_s: float, devices: int) -> Progress:
+    t0, delivered0 = (0.0, 0) if last is None else (last.t, last.delivered)
+    return Progress(
+        point.t,
+        duration_s,
+        devices,
+        point.online,
+        point.converged,
+        (point.delivered - delivered0) / max(point.t - t0, 1e-9),
+        "msg",
+        f"outbox {point.outbox}  events stored {point.stored:,}",
+    )
+
+
+def _sum_points(points: Sequence[_Point]) -> _Point:
+    return _Point(
+        points[0].t,
+        online=sum(p.online for p in points),
+        converged=sum(p.converged for p in points),
+        split=sum(p.split for p in points),
+        delivered=sum(p.delivered for p in points),
+        lost=sum(p.lost for p in points),
+        outbox=sum(p.outbox for p in points),
+        pending=sum(p.pending for p in points),
+        stored=sum(p.stored for p in points),
+    )
+
+
+def _merge_samples(outcomes: Sequence[ShardOutcome]) -> list[StateSample]:
+    """One sample per time, its digests in scope order (each scope is one worker's)."""
+    merged: list[StateSample] = []
+    for parts in zip(*(o.samples for o in outcomes), strict=True):
+        digests = sorted((d for part in parts for d in part.digests), key=lambda d: d.scope)
+        merged.append(StateSample(parts[0].t, tuple(digests)))
+    return merged
+
+
+def _assemble(
+    config: SimConfig,
+    fleet: Fleet,
+    schedule: FaultSchedule,
+    outcomes: Sequence[ShardOutcome],
+) -> SimResult:
+    """Merge the workers' outcomes (in region order) into the run's result."""
+    outcomes = sorted(outcomes, key=lambda o: fleet.regions.index(o.regions[0]))
+    ends = {o.end_ms for o in outcomes}
+    if len(ends) != 1 or len({len(o.points) for o in outcomes}) != 1:
+        raise RuntimeError(f"workers ended apart: {sorted(ends)}")
+    builder = ReportBuilder(
+        "NovaCron deterministic simulation",
+        {
+            "mode": "deterministic",
+            "seed": config.seed,
+            "devices": config.devices,
+            "regions": len(fleet.regions),
+            "duration_s": config.duration_s,
+            "faults": len(schedule.faults),
+            "dedupe": config.dedupe,
+            "signatures": config.signatures,
+        },
+        _SERIES,
+    )
+    last: _Point | None = None
+    devices = len(fleet.devices)
+    for parts in zip(*(o.points for o in outcomes), strict=True):
+        point = _sum_points(parts)
+        t0, delivered0, lost0 = (0.0, 0, 0) if last is None else (last.t, last.delivered, last.lost)
+        dt = max(point.t - t0, 1e-9)
+        builder.record(
+            point.t,
+            devices_online=point.online,
+            converged_devices=point.converged,
+            split_scopes=point.split,
+            msgs_per_s=(point.delivered - delivered0) / dt,
+            lost_per_s=(point.lost - lost0) / dt,
+            outbox_items=point.outbox,
+            device_events_pending=point.pending,
+        )
+        last = point
+    observations = Observations(
+        samples=_merge_samples(outcomes),
+        heals=outcomes[0].heals,
+        running=[c for o in outcomes for c in o.running],
+        replicas={"web": config.web_replicas} if config.web_replicas else {},
+        converge_deadline_s=config.converge_deadline_s,
+    )
+    fleet_wide = check_invariants(observations, only=FLEET_INVARIANTS)
+    invariants = merge_reports([fleet_wide, *(r for o in outcomes for r in o.reports)])
+    messages: Counter[str] = Counter()
+    faults: Counter[str] = Counter()
+    final_counters: dict[str, Counter[str]] = {
+        k: Counter() for k in ("device", "relay", "hub", "ingest")
+    }
+    for o in outcomes:
+        messages.update(o.messages)
+        faults.update(o.faults)
+        final_counters["device"].update(o.device_stats)
+        final_counters["relay"].update(o.relay_stats)
+        final_counters["hub"].update(o.hub_stats)
+        final_counters["ingest"].update(o.ingest)
+    messages["events"] += outcomes[0].global_events  # run by every worker, counted once
+    lags = [x.lag_s for x in invariants.lags if x.lag_s is not None]
+    signatures = dict(outcomes[0].signatures)
+    final = {
+        "sim_seconds": round((outcomes[0].end_ms - _START_MS) / 1000, 3),
+        "devices": devices,
+        "regions": len(fleet.regions),
+        "messages": dict(sorted((+messages).items())),
+        "faults_applied": dict(sorted(faults.items())),
+        "events_stored": sum(o.events_stored for o in outcomes),
+        "events_dropped_by_quota": sum(o.events_dropped for o in outcomes),
+        **{k: dict(sorted((+c).items())) for k, c in final_counters.items()},
+        "signatures": {"mode": signatures["mode"]},
+        "max_convergence_lag_s": max(lags, default=0.0),
+        "invariants_ok": invariants.ok,
+    }
+    report = builder.build(lags=invariants.lags, final=final, invariants=invariants)
+    stats = {
+        "workers": len(outcomes),
+        "signatures": [o.signatures for o in outcomes],
+        **messages,
+    }
+    return SimResult(report, invariants, 0.0, stats)
+
+
+# -- workers ---------------------------------------------------------------------------
+
+
+def _groups(fleet: Fleet, workers: int) -> list[tuple[str, ...]]:
+    """Contiguous groups of regions with about equal device counts."""
+    sizes = Counter(d.region for d in fleet.devices)
+    regions = list(fleet.regions)
+    workers = max(1, min(workers, len(regions)))
+    total = sum(sizes.values())
+    groups: list[tuple[str, ...]] = []
+    current: list[str] = []
+    done = 0
+    for i, region in enumerate(regions):
+        current.append(region)
+        done += sizes[region]
+        left_groups = workers - len(groups) - 1
+        left_regions = len(regions) - i - 1
+        if left_groups and (
+            done >= total * (len(groups) + 1) / workers or left_regions == left_groups
+        ):
+            groups.append(tuple(current))
+            current = []
+    groups.append(tuple(current))
+    return [g for g in groups if g]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a worker process is given (inherited through fork)."""
+
+    config: SimConfig
+    schedule: FaultSchedule | None
+    fleet_spec: FleetSpec | None
+    schedule_source: str
+    regions: tuple[str, ...]
+
+
+def _worker(conn: Connection, job: _Job) -> None:
+    try:
+        sim = DeterministicSim(
+            job.config,
+            job.schedule,
+            job.fleet_spec,
+            schedule_source=job.schedule_source,
+            regions=job.regions,
+        )
+        sim._point_sink = lambda point: conn.send(("point", point))
+
+        def agree(quiet_ms: int) -> tuple[bool, int]:
+            conn.send(("quiet", quiet_ms))
+            kind, when = conn.recv()
+            return kind == "end", int(when)
+
+        conn.send(("done", sim.run_shard(agree)))
+    except BaseException:  # reported to the parent, which raises
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _run_workers(
+    jobs: list[_Job], progress: Callable[[Progress], None] | None, devices: int
+) -> list[ShardOutcome]:
+    config = jobs[0].config
+    duration_s = config.duration_s
+    settle_end = _START_MS + round(config.duration_s * 1000) + round(config.settle_max_s * 1000)
+    ctx = multiprocessing.get_context("fork")
+    conns: list[Connection] = []
+    procs = []
+    ok = False
+    try:
+        for job in jobs:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker,
+                args=(child, job),
+                name=f"sim-{job.regions[0]}",
+                daemon=True,
+            )
+            proc.start()
+            child.close()
+            conns.append(parent)
+            procs.append(proc)
+        index = {id(c): i for i, c in enumerate(conns)}
+        pending: dict[float, list[_Point]] = {}
+        last: _Point | None = None
+        quiet: dict[int, int] = {}
+        outcomes: dict[int, ShardOutcome] = {}
+        while len(outcomes) < len(conns):
+            for conn in wait([c for i, c in enumerate(conns) if i not in outcomes]):
+                assert isinstance(conn, Connection)
+                i = index[id(conn)]
+                try:
+                    kind, value = conn.recv()
+                except EOFError:
+                    raise RuntimeError(f"simulation worker {i} died") from None
+                if kind == "point":
+                    parts = pending.setdefault(value.t, [])
+                    parts.append(value)
+                    if len(parts) == len(conns):
+                        point = _sum_points(pending.pop(value.t))
+                        if progress is not None:
+                            progress(_progress(point, last, duration_s, devices))
+                        last = point
+                elif kind == "quiet":
+                    quiet[i] = value
+                    if len(quiet) == len(conns):
+                        # Done when all offer the same sample, or the deadline.
+                        when = max(quiet.values())
+                        done = len(set(quiet.values())) == 1 or when >= settle_end
+                        for c in conns:
+                            c.send(("end" if done else "again", when))
+                        quiet.clear()
+                elif kind == "done":
+                    outcomes[i] = value
+                else:
+                    raise RuntimeError(f"simulation worker {i} failed:\n{value}")
+        ok = True
+        return [outcomes[i] for i in range(len(conns))]
+    finally:
+        for proc in procs:
+            if not ok:  # a worker failed (or we were interrupted): stop the others now
+                proc.kill()
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        for c in conns:
+            c.close()
 
 
 def run_deterministic(
@@ -861,11 +1268,39 @@ def run_deterministic(
     *,
     schedule_source: str = "",
     progress: Callable[[Progress], None] | None = None,
+    workers: int = 1,
 ) -> SimResult:
-    """Build and run one deterministic simulation (``progress``: see :class:`DeterministicSim`)."""
-    return DeterministicSim(
-        config, schedule, fleet_spec, schedule_source=schedule_source, progress=progress
-    ).run()
+    """Build and run one deterministic simulation over ``workers`` processes.
+
+    The result is the same for any ``workers`` (see the module docstring);
+    ``progress``: see :class:`DeterministicSim`.
+    """
+    wall0 = time.perf_counter()
+    if workers <= 1:
+        result = DeterministicSim(
+            config, schedule, fleet_spec, schedule_source=schedule_source, progress=progress
+        ).run()
+        result.wall_s = time.perf_counter() - wall0
+        return result
+    spec = fleet_spec or default_fleet_spec()
+    fleet = assign_fleet(spec, config.devices, regions=config.regions, seed=config.seed)
+    jobs = [
+        _Job(config, schedule, fleet_spec, schedule_source, group)
+        for group in _groups(fleet, workers)
+    ]
+    # Checked here, before any worker starts: a bad schedule is the caller's error.
+    FaultTimeline(
+        schedule or FaultSchedule(),
+        fleet.devices,
+        config.seed,
+        outage_means=outage_means(sorted({d.profile for d in fleet.devices})),
+        horizon_s=config.duration_s,
+        source=schedule_source,
+    )
+    outcomes = _run_workers(jobs, progress, len(fleet.devices))
+    result = _assemble(config, fleet, schedule or FaultSchedule(), outcomes)
+    result.wall_s = time.perf_counter() - wall0
+    return result
 
 
 # Scope helpers re-exported for tests and the CLI.

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from simulator._detnodes import Signatures, VerifyCache, ring_of, sim_signer
-from simulator.deterministic import SimConfig, run_deterministic
+from simulator.deterministic import SimConfig, _groups, run_deterministic
 from simulator.faults import FaultSchedule, load_fault_schedule
-from simulator.fleet import load_fleet_spec
+from simulator.fleet import assign_fleet, load_fleet_spec
 from simulator.report import render_html, report_json
 from sync._exceptions import SignatureError
 from sync.keys import KeyRing, Signer
@@ -185,3 +185,34 @@ def test_modeled_signatures_refuse_forgeries() -> None:
     assert isinstance(mixed, KeyRing)
     with pytest.raises(ValueError, match="signatures"):
         Signatures(1, "hmac")
+
+
+def test_any_number_of_workers_gives_the_same_report() -> None:
+    """Regions run apart (a hub shard each; what crosses regions comes from the
+    seed), so splitting them over worker processes changes nothing reported."""
+    cfg = busy(devices=60, regions=4, duration_s=300, seed=3)
+    reports = {w: run_deterministic(cfg, MIXED, FLEET, workers=w) for w in (1, 2, 3)}
+    one = reports[1]
+    assert one.invariants.ok, one.invariants.summary()
+    assert one.report.final["faults_applied"]["kill_hub"] == 1  # a global fault, counted once
+    assert one.report.final["ingest"]["events"] > 400
+    for w in (2, 3):
+        assert report_json(reports[w].report) == report_json(one.report), w
+        assert render_html(reports[w].report) == render_html(one.report)
+        assert reports[w].stats["workers"] == w
+
+
+def test_region_groups_are_contiguous_and_balanced() -> None:
+    fleet = assign_fleet(FLEET, 1000, regions=10, seed=1)
+    for workers in (1, 2, 3, 10, 50):
+        groups = _groups(fleet, workers)
+        assert [r for g in groups for r in g] == list(fleet.regions)
+        assert len(groups) == min(workers, 10)
+    sizes = [sum(1 for d in fleet.devices if d.region in g) for g in _groups(fleet, 2)]
+    assert abs(sizes[0] - sizes[1]) <= 150, sizes
+
+
+def test_a_failing_worker_fails_the_run_with_its_traceback() -> None:
+    cfg = busy(devices=20, regions=2, duration_s=60, seed=1, signatures="rsa")
+    with pytest.raises(RuntimeError, match=r"(?s)worker [01] failed.*signatures: 'rsa'"):
+        run_deterministic(cfg, None, FLEET, workers=2)
