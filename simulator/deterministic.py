@@ -1215,7 +1215,8 @@ def _run_workers(
             conns.append(parent)
             procs.append(proc)
         index = {id(c): i for i, c in enumerate(conns)}
-        pending: dict[float, list[_Point]] = {}
+        pending: dict[int, list[_Point]] = {}
+        sent = [0] * len(conns)
         last: _Point | None = None
         quiet: dict[int, int] = {}
         outcomes: dict[int, ShardOutcome] = {}
@@ -1228,10 +1229,12 @@ def _run_workers(
                 except EOFError:
                     raise RuntimeError(f"simulation worker {i} died") from None
                 if kind == "point":
-                    parts = pending.setdefault(value.t, [])
+                    # Every worker samples at the same times: the n-th points go together.
+                    sent[i] += 1
+                    parts = pending.setdefault(sent[i], [])
                     parts.append(value)
                     if len(parts) == len(conns):
-                        point = _sum_points(pending.pop(value.t))
+                        point = _sum_points(pending.pop(sent[i]))
                         if progress is not None:
                             progress(_progress(point, last, duration_s, devices))
                         last = point

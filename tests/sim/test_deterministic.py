@@ -12,6 +12,7 @@ from simulator._detnodes import Signatures, VerifyCache, ring_of, sim_signer
 from simulator.deterministic import SimConfig, _groups, run_deterministic
 from simulator.faults import FaultSchedule, load_fault_schedule
 from simulator.fleet import assign_fleet, load_fleet_spec
+from simulator.progress import Progress
 from simulator.report import render_html, report_json
 from sync._exceptions import SignatureError
 from sync.keys import KeyRing, Signer
@@ -191,7 +192,11 @@ def test_any_number_of_workers_gives_the_same_report() -> None:
     """Regions run apart (a hub shard each; what crosses regions comes from the
     seed), so splitting them over worker processes changes nothing reported."""
     cfg = busy(devices=60, regions=4, duration_s=300, seed=3)
-    reports = {w: run_deterministic(cfg, MIXED, FLEET, workers=w) for w in (1, 2, 3)}
+    shown: dict[int, list[Progress]] = {1: [], 2: [], 3: []}
+    reports = {
+        w: run_deterministic(cfg, MIXED, FLEET, workers=w, progress=shown[w].append)
+        for w in (1, 2, 3)
+    }
     one = reports[1]
     assert one.invariants.ok, one.invariants.summary()
     assert one.report.final["faults_applied"]["kill_hub"] == 1  # a global fault, counted once
@@ -200,6 +205,8 @@ def test_any_number_of_workers_gives_the_same_report() -> None:
         assert report_json(reports[w].report) == report_json(one.report), w
         assert render_html(reports[w].report) == render_html(one.report)
         assert reports[w].stats["workers"] == w
+        assert shown[w] == shown[1]  # the progress line adds the workers' parts up
+    assert len(shown[1]) > 60 and shown[1][-1].online == 60
 
 
 def test_region_groups_are_contiguous_and_balanced() -> None:
