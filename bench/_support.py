@@ -32,11 +32,12 @@ from typing import Any, Self
 
 import aiomqtt
 
-from edge_agent._runtime import PROCESS_ENVIRONMENT
+from edge_agent._runtime import unit_environment
 from edge_agent.agent import relay_peer_id
 from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.control import ControlError, request
 from edge_agent.identity import load_or_create_device_key
+from edge_agent.install import fill_bytecode_cache
 from edge_agent.journal import Journal
 from edge_agent.state import DeviceState, desired_scope, device_scope
 from sync.hlc import HybridLogicalClock, SystemClock
@@ -191,7 +192,8 @@ class AgentSetup:
 
 async def prepare_agent(workdir: Path, broker_port: int, specs: list[WorkloadSpec]) -> AgentSetup:
     """Write a config (process driver only, profile defaults otherwise), enroll
-    offline with a generated hub key, and seed ``specs`` as desired state.
+    offline with a generated hub key, seed ``specs`` as desired state and fill
+    the bytecode cache as ``novacron agent install`` does.
 
     The seeded specs are hub-signed entries of the device's desired scope,
     written by a replica whose id is ``hub``, as an earlier sync would have left
@@ -223,12 +225,18 @@ async def prepare_agent(workdir: Path, broker_port: int, specs: list[WorkloadSpe
                 hub_replica, state.desired_scope_name, spec.name, spec.model_dump(mode="json"), hub
             )
         await state.persist_remote(state.desired_scope_name, None)
+    # The agent runs from REPO (AgentProcess), so its modules are compiled from there.
+    if not await asyncio.to_thread(
+        fill_bytecode_cache, unit_environment(config.data_dir), cwd=REPO
+    ):
+        raise BenchError("could not fill the agent's bytecode cache (see the log)")
     return AgentSetup(config_path, config, hub, device_key.public_key_bytes)
 
 
 class AgentProcess:
     """``python -m novacron agent run --config FILE`` as a child process, with
-    the environment the systemd unit gives it (``novacron agent install``).
+    the environment the systemd unit gives it (``novacron agent install``; its
+    bytecode cache in the data directory, filled by :func:`prepare_agent`).
 
     A context manager: leaving the block stops the agent (SIGTERM, a grace
     period, SIGKILL) and then kills any workload process group still named
@@ -259,7 +267,7 @@ class AgentProcess:
                 ],
                 cwd=REPO,
                 # What the shipped systemd unit sets (Environment= lines), no more.
-                env={**os.environ, **PROCESS_ENVIRONMENT},
+                env={**os.environ, **unit_environment(self.setup.config.data_dir)},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,

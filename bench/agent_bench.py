@@ -21,8 +21,9 @@ Idle-agent figures (a real agent process, a private Mosquitto; both need
 ``mosquitto`` installed and report ``*_skipped`` without it):
 
 * ``idle_rss_mb`` — ``VmRSS`` of an idle agent running ten process workloads,
-  started as the systemd unit starts it (same command, same ``Environment=``),
-  with its anonymous/file split, PSS and thread count (``idle_rss_anon_mb``,
+  started as the systemd unit starts it (same command, same ``Environment=``,
+  its bytecode cache filled as ``novacron agent install`` fills it), with its
+  anonymous/file split, PSS and thread count (``idle_rss_anon_mb``,
   ``idle_rss_file_mb``, ``idle_pss_mb``, ``idle_threads``),
   ``rss_baseline_python_mb`` (a bare interpreter) and ``rss_ratio``;
 * ``idle_upstream_bytes_per_hour`` — what that agent publishes upstream per
@@ -160,9 +161,10 @@ def idle_rss_mb(cfg: BenchConfig) -> Figures:
     """Resident memory of an idle agent process with ten running workloads.
 
     A real agent (``python -m novacron agent run``, the systemd unit's command
-    and environment, see :class:`_support.AgentProcess`; process driver,
-    enrolled, its relay a private Mosquitto with no hub behind it, link up)
-    starts with :data:`IDLE_WORKLOADS` ``sleep 3600`` workloads in its journal.
+    and environment, see :class:`_support.AgentProcess`; its bytecode cache
+    filled by :func:`_support.prepare_agent` as the install fills it; process
+    driver, enrolled, its relay a private Mosquitto with no hub behind it, link
+    up) starts with :data:`IDLE_WORKLOADS` ``sleep 3600`` workloads in its journal.
     Once all run and :data:`SETTLE_S` have passed, ``VmRSS`` of the agent
     process alone (not its children) is read from ``/proc`` until three samples
     0.2 s apart agree. The baseline is a bare ``python -c 'input()'`` of the same

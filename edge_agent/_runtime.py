@@ -1,9 +1,22 @@
 """Process-level settings of ``novacron agent run`` that keep a gateway agent small.
 
 An idle agent's memory is mostly imported code and native libraries (see the
-``idle_rss_mb`` figure of ``bench/agent_bench.py``); what is left to tune is the
-threads and what they cost:
+``idle_rss_mb`` figure of ``bench/agent_bench.py``); what is left to tune is how
+that code is loaded, and the threads and what they cost:
 
+* **bytecode.** The systemd unit runs the interpreter with ``PYTHONOPTIMIZE=2``
+  (``-OO``: no docstrings in memory, no ``assert``; the agent's asserts only
+  narrow types) and ``PYTHONNODEBUGRANGES=1`` (no column tables; tracebacks
+  keep their line numbers, not the ``^^^`` markers): about 2 MB less for the
+  same modules. ``-OO`` reads ``.opt-2.pyc`` files, which pip does not write
+  and the unit could not write next to the sources (``ProtectSystem=full``
+  makes ``/usr`` read-only); without them the interpreter compiles every
+  module at each start, and the compiler's leftovers cost about 8 MB more, not
+  less. So the unit also sets ``PYTHONPYCACHEPREFIX`` to ``pycache`` in the
+  data directory (:func:`unit_environment`), which ``novacron agent install``
+  fills (:func:`edge_agent.install.fill_bytecode_cache`). After an upgrade the
+  agent's first start compiles what changed and writes it there, so that one
+  run is larger until the next restart.
 * **malloc arenas.** glibc gives every thread that allocates its own arena (up
   to 8 per core), each keeping freed memory of its own. The agent's threads (the
   journal writer and reader, a few I/O workers) need no parallel allocation, so
@@ -20,7 +33,8 @@ threads and what they cost:
   ``min(32, cores + 4)``; :func:`io_executor` sizes it to what the drivers need.
 
 None of this changes behaviour; each falls back to the interpreter's default
-where the platform lacks the feature (non-glibc libc, no pidfd).
+where the platform lacks the feature (non-glibc libc, no pidfd). An agent
+started by hand without the unit's environment runs the same, only larger.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Final
 
 log = logging.getLogger(__name__)
@@ -40,9 +55,17 @@ MALLOC_ARENA_MAX: Final = 2
 """glibc malloc arenas for the whole agent process (the main one plus one shared
 by its threads)."""
 
-PROCESS_ENVIRONMENT: Final[dict[str, str]] = {"MALLOC_ARENA_MAX": str(MALLOC_ARENA_MAX)}
-"""Environment the systemd unit gives ``novacron agent run``; read by the C
-library at process start, so it cannot be set from Python."""
+PROCESS_ENVIRONMENT: Final[dict[str, str]] = {
+    "MALLOC_ARENA_MAX": str(MALLOC_ARENA_MAX),
+    "PYTHONNODEBUGRANGES": "1",
+    "PYTHONOPTIMIZE": "2",
+}
+"""Environment the systemd unit gives ``novacron agent run`` besides its
+bytecode cache (:func:`unit_environment`); read by the C library and the
+interpreter at process start, so it cannot be set from Python."""
+
+BYTECODE_CACHE_DIR: Final = "pycache"
+"""The unit's ``PYTHONPYCACHEPREFIX``, below the agent's data directory."""
 
 _M_ARENA_MAX: Final = -8  # <malloc.h>
 
@@ -80,6 +103,16 @@ def limit_malloc_arenas(max_arenas: int = MALLOC_ARENA_MAX) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_ARENA_MAX, max_arenas))
+
+
+def unit_environment(data_dir: Path) -> dict[str, str]:
+    """The whole environment the systemd unit sets for an agent using ``data_dir``.
+
+    :data:`PROCESS_ENVIRONMENT` and ``PYTHONPYCACHEPREFIX`` (bytecode compiled
+    with those settings, in ``data_dir`` because it is writable under the
+    unit's sandbox).
+    """
+    return {**PROCESS_ENVIRONMENT, "PYTHONPYCACHEPREFIX": str(data_dir / BYTECODE_CACHE_DIR)}
 
 
 def _pidfd_works() -> bool:
@@ -127,6 +160,7 @@ def io_executor(drivers: Iterable[str]) -> ThreadPoolExecutor:
 
 
 __all__ = [
+    "BYTECODE_CACHE_DIR",
     "IO_THREADS_BASE",
     "IO_THREADS_PER_DRIVER",
     "MALLOC_ARENA_MAX",
@@ -134,4 +168,5 @@ __all__ = [
     "child_watcher",
     "io_executor",
     "limit_malloc_arenas",
+    "unit_environment",
 ]

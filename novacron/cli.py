@@ -2,7 +2,10 @@
 
 Each component contributes its subcommands through a ``register(subparsers)``
 function in a small ``_cli`` module; heavy imports happen inside the command
-handlers so that ``novacron --help`` and the agent stay light.
+handlers so that ``novacron --help`` and the agent stay light. A run of one
+command imports only its component's ``_cli`` module (see :data:`_COMMANDS`):
+the agent, a daemon on a small gateway, keeps no parser of the hub, relay or
+simulator commands in memory.
 """
 
 from __future__ import annotations
@@ -27,6 +30,23 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "simulator._cli",
 )
 
+# Top-level command -> the module of _COMMAND_MODULES that registers it (a test
+# checks that the two agree).
+_COMMANDS: dict[str, str] = {
+    "agent": "edge_agent._cli",
+    "apply": "cloud_hub._client_cli",
+    "audit": "cloud_hub._cli",
+    "demo": "simulator._cli",
+    "describe": "cloud_hub._client_cli",
+    "enroll-token": "cloud_hub._client_cli",
+    "get": "cloud_hub._client_cli",
+    "hub": "cloud_hub._hub_cli",
+    "profiles": "firmware_profiles._cli",
+    "relay": "regional_relay._cli",
+    "rollout": "cloud_hub._client_cli",
+    "sim": "simulator._cli",
+}
+
 Handler = Callable[[argparse.Namespace], int]
 
 EXIT_OK = 0
@@ -34,12 +54,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the full argument parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="novacron",
-        description="NovaCron Edge: an edge-first orchestrator for fleets of IoT gateways.",
-    )
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -49,10 +64,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-json", action="store_true", help="log one JSON object per line (for production)"
     )
+
+
+def build_parser(modules: Sequence[str] = _COMMAND_MODULES) -> argparse.ArgumentParser:
+    """Build the argument parser with the subcommands of ``modules`` (default: all)."""
+    parser = argparse.ArgumentParser(
+        prog="novacron",
+        description="NovaCron Edge: an edge-first orchestrator for fleets of IoT gateways.",
+    )
+    _add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def _command_modules(argv: Sequence[str] | None) -> Sequence[str]:
+    """The ``_cli`` modules a parse of ``argv`` needs: the command's own, if known.
+
+    A parser with only that command's subtree parses a valid command line exactly
+    as the full one does (same usage, same errors below it); help, errors in the
+    global options and unknown commands get every command.
+    """
+    pre = argparse.ArgumentParser(prog="novacron", add_help=False, exit_on_error=False)
+    _add_global_options(pre)
+    pre.add_argument("-h", "--help", action="store_true")
+    pre.add_argument("command", nargs="?")
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return _COMMAND_MODULES
+    module = _COMMANDS.get(known.command) if isinstance(known.command, str) else None
+    return _COMMAND_MODULES if module is None or known.help else (module,)
 
 
 def _configure_logging(level: str, json_lines: bool) -> None:
@@ -68,8 +111,11 @@ def _configure_logging(level: str, json_lines: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code (0 ok, 1 failure, 2 bad input)."""
-    parser = build_parser()
+    parser = build_parser(_command_modules(argv))
     args = parser.parse_args(argv)
+    # The handler may run for the life of a daemon (``agent run``): do not keep
+    # the parser tree alive in this frame meanwhile.
+    del parser
     _configure_logging(args.log_level, args.log_json)
     handler: Handler = args.func
     try:

@@ -37,6 +37,33 @@ def test_command_modules_sorted_and_unique() -> None:
     assert list(cli._COMMAND_MODULES) == sorted(set(cli._COMMAND_MODULES))
 
 
+def test_commands_map_to_their_modules() -> None:
+    for module in cli._COMMAND_MODULES:
+        mine = {name for name, home in cli._COMMANDS.items() if home == module}
+        (action,) = _subparser_actions(cli.build_parser((module,)))
+        assert set(action.choices) == mine, module
+    assert set(cli._COMMANDS.values()) == set(cli._COMMAND_MODULES)
+
+
+@pytest.mark.parametrize(
+    ("argv", "modules"),
+    [
+        (["agent", "run", "--config", "x.yaml"], ("edge_agent._cli",)),
+        (["--log-level", "DEBUG", "--log-json", "agent", "run"], ("edge_agent._cli",)),
+        (["--log-level=WARNING", "hub", "serve"], ("cloud_hub._hub_cli",)),
+        (["rollout", "pause", "web"], ("cloud_hub._client_cli",)),
+        ([], cli._COMMAND_MODULES),
+        (["-h"], cli._COMMAND_MODULES),
+        (["agent", "--help"], cli._COMMAND_MODULES),
+        (["nosuch"], cli._COMMAND_MODULES),
+        (["--log-level", "LOUD", "agent"], cli._COMMAND_MODULES),
+        (["--log-level"], cli._COMMAND_MODULES),
+    ],
+)
+def test_a_command_imports_only_its_module(argv: list[str], modules: tuple[str, ...]) -> None:
+    assert tuple(cli._command_modules(argv)) == modules
+
+
 def test_profiles_registered() -> None:
     assert ("profiles", "list") in {path for path, _ in PARSERS}
 

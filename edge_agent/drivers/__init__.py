@@ -4,8 +4,8 @@ One protocol (:class:`WorkloadDriver`) and its implementations: supervised
 subprocesses (:class:`ProcessDriver`), Podman containers over the API socket
 (:class:`PodmanDriver`), libvirt domains (:class:`LibvirtDriver`, libvirt-python
 imported lazily) and an in-memory model for the simulator and unit tests
-(:class:`SimDriver`). The Podman and libvirt driver modules themselves load on
-first use of their names. See ``base.py`` for the contract.
+(:class:`SimDriver`). The Podman, libvirt and sim driver modules themselves
+load on first use of their names. See ``base.py`` for the contract.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from edge_agent.drivers.base import (
     WorkloadHandle,
 )
 from edge_agent.drivers.process import ProcessDriver
-from edge_agent.drivers.sim import SimDriver
 
 __all__ = [
     "ActualPhase",
@@ -62,6 +61,7 @@ __all__ = [
 if TYPE_CHECKING:
     from edge_agent.drivers.libvirt import METADATA_NS, LibvirtDriver
     from edge_agent.drivers.podman import PodmanDriver
+    from edge_agent.drivers.sim import SimDriver
 
 
 def __getattr__(name: str) -> Any:
@@ -72,6 +72,10 @@ def __getattr__(name: str) -> Any:
         from edge_agent.drivers.podman import PodmanDriver  # noqa: PLC0415
 
         return PodmanDriver
+    if name == "SimDriver":  # the simulator's and the tests' driver, not a gateway's
+        from edge_agent.drivers.sim import SimDriver  # noqa: PLC0415
+
+        return SimDriver
     if name in ("LibvirtDriver", "METADATA_NS"):
         from edge_agent.drivers import libvirt  # noqa: PLC0415
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,12 @@ def test_install_writes_unit_config_and_data_dir(tmp_path: Path) -> None:
     assert "NoNewPrivileges=yes" in unit
     assert f"--config {layout.config_path}" in unit
     assert "Environment=MALLOC_ARENA_MAX=2" in unit  # glibc reads it at process start
+    assert "Environment=PYTHONOPTIMIZE=2" in unit
+    assert f"Environment=PYTHONPYCACHEPREFIX={layout.data_dir / 'pycache'}" in unit
+    # The install compiled the agent's modules there, at -OO, for its first start.
+    cached = {p.name for p in (layout.data_dir / "pycache").rglob("*.opt-2.pyc")}
+    tag = sys.implementation.cache_tag
+    assert {f"agent.{tag}.opt-2.pyc", f"__main__.{tag}.opt-2.pyc"} <= cached
     assert stat.S_IMODE(layout.data_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(layout.config_path.stat().st_mode) == 0o600
     config = load_agent_config(layout.config_path)

@@ -24,6 +24,7 @@ from edge_agent._runtime import (
     PROCESS_ENVIRONMENT,
     child_watcher,
     io_executor,
+    unit_environment,
 )
 from edge_agent.control import ControlError, request
 from sync.keys import Signer
@@ -128,7 +129,7 @@ async def test_agent_run_holds_a_few_threads_whatever_its_workload_count(
         proc = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "novacron", "agent", "run", "--config", str(config_path)),
             cwd=REPO,
-            env=os.environ | PROCESS_ENVIRONMENT,  # as the systemd unit runs it
+            env=os.environ | unit_environment(tmp_path / "data"),  # as the systemd unit runs it
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
