@@ -826,7 +826,7 @@ class DeterministicSim:
                     point,
                     self._last_point,
                     self.config.duration_s,
-                    len(self.region_of) - len(self.fleet.regions),
+                    len(self.fleet.devices),
                 )
             )
         self._last_point = point
