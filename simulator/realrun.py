@@ -38,8 +38,8 @@ from the desired entries the agents hold, checked with the hub's key.
 ``deltas`` is not fed here (the deterministic mode checks it).
 
 After ``--duration`` every fault still open is healed and the run waits (up to
-``settle_s``) for the fleet to converge, so the last fault's convergence lag is
-measured too.
+``settle_s``) for the fleet to converge and stay converged for three samples in
+a row, so the last fault's convergence lag is measured too.
 """
 
 from __future__ import annotations
@@ -349,6 +349,10 @@ class _Sample:
     hub_queue: int = 0
 
 
+_STABLE_SAMPLES = 3
+"""Settling ends after this many samples in a row with the whole fleet converged."""
+
+
 class _Sampler:
     def __init__(
         self, stack: FleetStack, workers: _Workers, devices: Sequence[tuple[int, str, str, str]]
@@ -631,6 +635,7 @@ async def _live(  # noqa: PLR0917 - private, called once
             display.say(f"t={sampler.now():5.0f}s  applied {EACH} release {k}")
 
     async def sampling(until: float | None, stop_when_converged: bool) -> None:
+        streak = 0  # samples in a row with every device converged
         while True:
             s = await sampler.sample()
             rate = sampler.ingest_rate()  # once: a second call measures ~0 s
@@ -657,7 +662,11 @@ async def _live(  # noqa: PLR0917 - private, called once
                     f"faults {len(injector.applied)}/{len(timeline)}",
                 )
             )
-            if stop_when_converged and s.converged == len(devices):
+            streak = streak + 1 if s.converged == len(devices) else 0
+            # Three in a row, so the checker sees it hold: a late reconnect
+            # (a relay's hub link timing out after a broker restart) can split
+            # a scope again for a sample or two before it converges for good.
+            if stop_when_converged and streak >= _STABLE_SAMPLES:
                 return
             if until is not None and sampler.now() >= until:
                 return
@@ -676,10 +685,6 @@ async def _live(  # noqa: PLR0917 - private, called once
         f"settling (up to {config.settle_s:g} s)",
     )
     await sampling(heal_all_t + config.settle_s, stop_when_converged=True)
-    # Two more samples after convergence, so the checker sees it hold.
-    for _ in range(2):
-        await asyncio.sleep(sample_s)
-        await sampler.sample()
     display.close()
     return await _finish(
         config, stack, workers, sampler, injector, builder, replicas, enroll_s, heal_all_t, out
