@@ -286,7 +286,8 @@ class Signatures:
         return ring
 
     def stats(self) -> dict[str, Any]:
-        """For the report: the mode, and the verification cache's counts."""
+        """The mode, and the verification cache's counts (the report keeps the mode only:
+        the counts depend on how regions are grouped into workers)."""
         out: dict[str, Any] = {"mode": self.mode}
         if self.cache is not None:
             out.update(hits=self.cache.hits, misses=self.cache.misses, evicted=self.cache.evicted)

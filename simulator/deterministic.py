@@ -292,8 +292,12 @@ class DeterministicSim:
                 )
         self.relays: dict[str, SimRelay] = {}
         self.hubs: dict[str, SimHub] = {}
+        # This worker's devices by region, in fleet order.
+        self.members: dict[str, list[SimDevice]] = {r: [] for r in self.local}
+        for d in self.devices.values():
+            self.members[d.region].append(d)
         for region in self.local:
-            members = [d for d in self.devices.values() if d.region == region]
+            members = self.members[region]
             relay = SimRelay(
                 region,
                 members,
@@ -491,9 +495,6 @@ class DeterministicSim:
     def dirty(self, replica: str, scope: str) -> None:
         """Mark ``replica``'s copy of ``scope`` for re-digest at the next sample."""
         self._dirty.add((replica, scope))
-
-    def _local(self, device: str) -> bool:
-        return device in self.devices
 
     # -- activity ----------------------------------------------------------------------
 
@@ -704,9 +705,8 @@ class DeterministicSim:
             return
         self.relays[rid].restart(start=True)
         self.wake(HUB, rid)
-        for d in self.devices.values():
-            if d.region == region:
-                self._connect(d.id)
+        for d in self.members.get(region, ()):
+            self._connect(d.id)
 
     def _restart_hub(self) -> None:
         if self.hub_up:
@@ -728,9 +728,8 @@ class DeterministicSim:
         if self.region_broker_up[region]:
             return
         self.region_broker_up[region] = True
-        for d in self.devices.values():
-            if d.region == region:
-                self._connect(d.id)
+        for d in self.members.get(region, ()):
+            self._connect(d.id)
 
     def _heal_all(self) -> bool:
         """End every disruption (the end of the run); return whether any was on."""
@@ -861,7 +860,7 @@ class DeterministicSim:
         relay = self.relays[rid]
         if relay.outbox:
             return False
-        if any(d.busy() for d in self.devices.values() if d.region == region):
+        if any(d.busy() for d in self.members[region]):
             return False
         return all(s.unacked == 0 for s in relay.device_sessions.values())
 
@@ -944,9 +943,7 @@ class DeterministicSim:
     def _region_report(self, region: str) -> InvariantReport:
         hub = self.hubs[region]
         obs = Observations(hub_events=hub.stored, hub_keys=self.hub_keys)
-        for d in self.devices.values():
-            if d.region != region:
-                continue
+        for d in self.members[region]:
             obs.acked_events += [EventKey(d.id, "events", s) for s in range(1, d.events.first_seq)]
             for dot in d.acked_dots():
                 obs.acked_dots.append(DotKey(d.scope, dot.origin, dot.counter))
@@ -1006,15 +1003,21 @@ class DeterministicSim:
 # -- merging workers' outcomes ---------------------------------------------------------
 
 
+def _rates(point: _Point, last: _Point | None) -> tuple[float, float]:
+    """Messages delivered and lost per second since the sample before (or the start)."""
+    t0, delivered0, lost0 = (0.0, 0, 0) if last is None else (last.t, last.delivered, last.lost)
+    dt = max(point.t - t0, 1e-9)
+    return (point.delivered - delivered0) / dt, (point.lost - lost0) / dt
+
+
 def _progress(point: _Point, last: _Point | None, duration_s: float, devices: int) -> Progress:
-    t0, delivered0 = (0.0, 0) if last is None else (last.t, last.delivered)
     return Progress(
         point.t,
         duration_s,
         devices,
         point.online,
         point.converged,
-        (point.delivered - delivered0) / max(point.t - t0, 1e-9),
+        _rates(point, last)[0],
         "msg",
         f"outbox {point.outbox}  events stored {point.stored:,}",
     )
@@ -1072,15 +1075,14 @@ def _assemble(
     devices = len(fleet.devices)
     for parts in zip(*(o.points for o in outcomes), strict=True):
         point = _sum_points(parts)
-        t0, delivered0, lost0 = (0.0, 0, 0) if last is None else (last.t, last.delivered, last.lost)
-        dt = max(point.t - t0, 1e-9)
+        msgs_per_s, lost_per_s = _rates(point, last)
         builder.record(
             point.t,
             devices_online=point.online,
             converged_devices=point.converged,
             split_scopes=point.split,
-            msgs_per_s=(point.delivered - delivered0) / dt,
-            lost_per_s=(point.lost - lost0) / dt,
+            msgs_per_s=msgs_per_s,
+            lost_per_s=lost_per_s,
             outbox_items=point.outbox,
             device_events_pending=point.pending,
         )
