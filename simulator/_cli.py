@@ -43,6 +43,7 @@ def _positive_float(text: str) -> float:
 
 
 def _cores() -> int:
+    """One worker per core: the default of ``sim run`` in either mode."""
     import os  # noqa: PLC0415
 
     return max(1, os.cpu_count() or 1)
@@ -274,7 +275,7 @@ def _cmd_run_real(args: argparse.Namespace) -> int:
 
     from simulator.faults import load_fault_schedule  # noqa: PLC0415
     from simulator.fleet import load_fleet_spec  # noqa: PLC0415
-    from simulator.realrun import RealRunConfig, default_workers, run_real  # noqa: PLC0415
+    from simulator.realrun import RealRunConfig, run_real  # noqa: PLC0415
 
     if args.broker is not None and not args.broker.startswith(("mqtt://", "tcp://")):
         from sync._exceptions import ConfigError  # noqa: PLC0415
@@ -287,7 +288,7 @@ def _cmd_run_real(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         seed=args.seed,
         broker_url=None if args.broker is None else "mqtt://" + args.broker.split("://", 1)[1],
-        workers=args.workers or default_workers(),
+        workers=args.workers or _cores(),
         fleet=load_fleet_spec(args.fleet) if args.fleet else None,
         schedule=load_fault_schedule(args.faults) if args.faults else None,
         schedule_source=str(args.faults or ""),

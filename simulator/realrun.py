@@ -48,7 +48,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-import os
 import shutil
 import sys
 import tempfile
@@ -849,8 +848,3 @@ def _diagnostics(stack: FleetStack) -> dict[str, Any]:
         }
     out["relays"] = relays
     return out
-
-
-def default_workers() -> int:
-    """One worker per core."""
-    return max(1, os.cpu_count() or 1)
