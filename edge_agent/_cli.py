@@ -156,9 +156,10 @@ def _uninstall(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
-    from edge_agent._runtime import limit_malloc_arenas  # noqa: PLC0415
+    from edge_agent._runtime import defer_unused_imports, limit_malloc_arenas  # noqa: PLC0415
 
     limit_malloc_arenas()  # before any thread: a no-op under the unit's MALLOC_ARENA_MAX
+    defer_unused_imports()  # before the agent's modules import paho-mqtt and build models
 
     from edge_agent.agent import run_agent  # noqa: PLC0415
     from edge_agent.config import load_agent_config  # noqa: PLC0415

@@ -31,8 +31,24 @@ that code is loaded, and the threads and what they cost:
   which is what Python 3.12+ does by default.
 * **I/O threads.** ``asyncio.to_thread`` uses the loop's default executor, sized
   ``min(32, cores + 4)``; :func:`io_executor` sizes it to what the drivers need.
+* **imports the agent never uses.** :func:`defer_unused_imports` keeps two
+  import chains of its libraries from running until something uses them
+  (:func:`novacron._lazy.defer_import`), about 2 MB together:
 
-None of this changes behaviour; each falls back to the interpreter's default
+  - ``urllib.request`` (:data:`DEFERRED_IMPORTS`), which paho-mqtt imports to
+    read proxy settings from the environment and reads only when PySocks is
+    installed; with it come ``http.client``, the ``email`` parser, ``tempfile``
+    and ``shutil``;
+  - pydantic's plugin loader, which imports ``importlib.metadata`` (with
+    ``zipfile``, ``csv``, ``email.message`` and ``importlib.resources``) to
+    look for plugins when the first model is built. The unit sets pydantic's
+    own ``PYDANTIC_DISABLE_PLUGINS=__all__``, for which the loader finds none;
+    with that setting the agent answers "no plugins" without loading it. An
+    operator who wants a pydantic plugin in the agent unsets it (a unit
+    drop-in); the loader then runs as usual.
+
+None of this changes what the agent does (but for pydantic plugins, off under
+the unit); each falls back to the interpreter's default
 where the platform lacks the feature (non-glibc libc, no pidfd). An agent
 started by hand without the unit's environment runs the same, only larger.
 """
@@ -49,6 +65,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
+from novacron._lazy import defer_import
+
 log = logging.getLogger(__name__)
 
 MALLOC_ARENA_MAX: Final = 2
@@ -57,12 +75,23 @@ by its threads)."""
 
 PROCESS_ENVIRONMENT: Final[dict[str, str]] = {
     "MALLOC_ARENA_MAX": str(MALLOC_ARENA_MAX),
+    "PYDANTIC_DISABLE_PLUGINS": "__all__",
     "PYTHONNODEBUGRANGES": "1",
     "PYTHONOPTIMIZE": "2",
 }
 """Environment the systemd unit gives ``novacron agent run`` besides its
-bytecode cache (:func:`unit_environment`); read by the C library and the
-interpreter at process start, so it cannot be set from Python."""
+bytecode cache (:func:`unit_environment`); read by the C library, the
+interpreter and pydantic at process start, so it cannot be set from Python."""
+
+DEFERRED_IMPORTS: Final[tuple[str, ...]] = ("urllib.request",)
+"""Modules the agent's libraries import and the agent never uses (see the
+module docstring); :func:`defer_unused_imports` defers them."""
+
+PYDANTIC_PLUGIN_LOADER: Final = "pydantic.plugin._loader"
+"""pydantic's module that looks for plugins in the installed distributions."""
+
+_PYDANTIC_PLUGINS_OFF: Final = frozenset({"__all__", "1", "true"})
+"""``PYDANTIC_DISABLE_PLUGINS`` values for which pydantic loads no plugin."""
 
 BYTECODE_CACHE_DIR: Final = "pycache"
 """The unit's ``PYTHONPYCACHEPREFIX``, below the agent's data directory."""
@@ -115,6 +144,30 @@ def unit_environment(data_dir: Path) -> dict[str, str]:
     return {**PROCESS_ENVIRONMENT, "PYTHONPYCACHEPREFIX": str(data_dir / BYTECODE_CACHE_DIR)}
 
 
+def _no_pydantic_plugins() -> tuple[()]:
+    """What ``pydantic.plugin._loader.get_plugins`` returns when plugins are off."""
+    return ()
+
+
+def defer_unused_imports() -> list[str]:
+    """Defer the import chains an agent never uses (see the module docstring).
+
+    Call it before the agent's modules are imported. Each module is loaded
+    after all if something uses it.
+
+    Returns:
+        The modules deferred (none already imported is deferred).
+    """
+    deferred = [name for name in DEFERRED_IMPORTS if defer_import(name)]
+    plugins_off = os.environ.get("PYDANTIC_DISABLE_PLUGINS") in _PYDANTIC_PLUGINS_OFF
+    if plugins_off and defer_import(
+        PYDANTIC_PLUGIN_LOADER, provides={"get_plugins": _no_pydantic_plugins}
+    ):
+        deferred.append(PYDANTIC_PLUGIN_LOADER)
+    log.debug("deferred imports: %s", ", ".join(deferred) or "none")
+    return deferred
+
+
 def _pidfd_works() -> bool:
     if not hasattr(os, "pidfd_open"):
         return False
@@ -161,11 +214,14 @@ def io_executor(drivers: Iterable[str]) -> ThreadPoolExecutor:
 
 __all__ = [
     "BYTECODE_CACHE_DIR",
+    "DEFERRED_IMPORTS",
     "IO_THREADS_BASE",
     "IO_THREADS_PER_DRIVER",
     "MALLOC_ARENA_MAX",
     "PROCESS_ENVIRONMENT",
+    "PYDANTIC_PLUGIN_LOADER",
     "child_watcher",
+    "defer_unused_imports",
     "io_executor",
     "limit_malloc_arenas",
     "unit_environment",

@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 
 from edge_agent._runtime import (
+    DEFERRED_IMPORTS,
     IO_THREADS_BASE,
     PROCESS_ENVIRONMENT,
+    PYDANTIC_PLUGIN_LOADER,
+    _no_pydantic_plugins,
     child_watcher,
     io_executor,
     unit_environment,
@@ -79,6 +82,49 @@ def test_malloc_arena_limit_is_set_in_process_unless_the_environment_set_it() ->
     glibc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None
     assert _run_python(code, base) == ("True" if glibc else "False")
     assert _run_python(code, base | PROCESS_ENVIRONMENT) == "False"
+
+
+# What the deferred chains would load; none of it is in an agent's sys.modules.
+_DEFERRED_CHAINS = ("urllib.request", "http.client", "importlib.metadata", "zipfile", "tempfile")
+
+_AGENT_IMPORTS = f"""
+import json, sys, types
+from edge_agent._runtime import defer_unused_imports
+deferred = defer_unused_imports()
+import edge_agent.agent, edge_agent.config, edge_agent.link  # what `agent run` imports
+from sync.models import WorkloadSpec
+WorkloadSpec(name="w", driver="process", command=("true",))
+loaded = [m for m in {_DEFERRED_CHAINS!r} if type(sys.modules.get(m)) is types.ModuleType]
+print(json.dumps([deferred, loaded]))
+"""
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COVERAGE_", "PYDANTIC_"))}
+    return env | extra
+
+
+def test_the_agent_s_modules_load_without_the_chains_it_never_uses() -> None:
+    env = _clean_env(**PROCESS_ENVIRONMENT)
+    deferred, loaded = json.loads(_run_python(_AGENT_IMPORTS, env))
+    assert deferred == [*DEFERRED_IMPORTS, PYDANTIC_PLUGIN_LOADER]
+    assert loaded == []
+
+
+def test_pydantic_plugins_load_as_usual_unless_the_environment_turns_them_off() -> None:
+    deferred, loaded = json.loads(_run_python(_AGENT_IMPORTS, _clean_env()))
+    assert deferred == list(DEFERRED_IMPORTS)
+    assert loaded == ["importlib.metadata", "zipfile", "tempfile"]
+
+
+def test_the_stand_in_answers_as_pydantic_s_loader_does_with_plugins_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    loader = importlib.import_module(PYDANTIC_PLUGIN_LOADER)
+    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    assert tuple(loader.get_plugins()) == _no_pydantic_plugins() == ()
 
 
 @pytest.mark.skipif(not _pidfd_works(), reason="no pidfd_open on this kernel")
