@@ -48,9 +48,9 @@ that code is loaded, and the threads and what they cost:
     drop-in); the loader then runs as usual.
 
 None of this changes what the agent does (but for pydantic plugins, off under
-the unit); each falls back to the interpreter's default
-where the platform lacks the feature (non-glibc libc, no pidfd). An agent
-started by hand without the unit's environment runs the same, only larger.
+the unit); each falls back to the interpreter's default where the platform
+lacks the feature (non-glibc libc, no pidfd). An agent started by hand without
+the unit's environment runs the same, only larger.
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ def defer_import(name: str, provides: Mapping[str, Any] | None = None) -> bool:
     :class:`importlib.util.LazyLoader`, whose modules load as soon as any
     other ``import`` statement names them (the import system reads their
     ``__spec__``), this keeps a module that third-party code imports but never
-    uses from costing any memory.
+    uses from costing any memory. An error in the module's code is raised at
+    the use that runs it. Meant for Python source modules: an extension
+    module's library is loaded when its module object is made, here.
 
     Args:
         name: absolute module name; its parent package is imported now.
@@ -100,8 +102,6 @@ def defer_import(name: str, provides: Mapping[str, Any] | None = None) -> bool:
 
     Returns:
         Whether the module was deferred (False: already imported, or not found).
-
-    An error in the module's code is raised at the use that runs it.
     """
     if name in sys.modules:
         return False
