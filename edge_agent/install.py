@@ -102,8 +102,8 @@ After=network-online.target podman.socket libvirtd.service
 [Service]
 Type=simple
 ExecStart={python} -m novacron agent run --config {config_path}
-# Read at process start (malloc arenas, -OO bytecode cached in the data dir):
-# see edge_agent/_runtime.py.
+# Read at process start (malloc arenas, pydantic plugins off, -OO bytecode
+# cached in the data dir): see edge_agent/_runtime.py.
 {environment}Restart=always
 RestartSec=2
 # Give workloads and the journal time to flush on stop.
