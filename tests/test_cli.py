@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -138,3 +139,40 @@ def test_no_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main([])
     assert info.value.code == 2
     assert "COMMAND" in capsys.readouterr().err
+
+
+def test_agent_run_parses_without_importing_shutil() -> None:
+    # argparse sizes its formatters with shutil (which brings bz2 and lzma);
+    # the agent would keep them for its lifetime. A clean interpreter, as the
+    # agent starts.
+    code = (
+        "import sys\n"
+        "from novacron.cli import build_parser, _command_modules\n"
+        "argv = ['agent', 'run', '--config', 'x.yaml']\n"
+        "args = build_parser(_command_modules(argv)).parse_args(argv)\n"
+        "print(args.config, 'shutil' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["x.yaml", "False"]
+
+
+@pytest.mark.parametrize("columns", [None, "57", "0", "wide"])
+def test_help_is_as_wide_as_shutil_would_make_it(
+    columns: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert cli._terminal_columns() == shutil.get_terminal_size().columns
+    stock, ours = argparse.HelpFormatter("novacron"), cli._HelpFormatter("novacron")
+    assert (ours._width, ours._max_help_position) == (stock._width, stock._max_help_position)
+
+
+@pytest.mark.parametrize(("path", "parser"), PARSERS, ids=IDS)
+def test_every_parser_uses_the_shutil_free_formatter(
+    path: tuple[str, ...], parser: argparse.ArgumentParser
+) -> None:
+    assert isinstance(parser._get_formatter(), cli._HelpFormatter), path
