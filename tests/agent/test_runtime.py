@@ -8,6 +8,7 @@ holds a fixed handful of threads, not one per child.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import signal
@@ -114,14 +115,13 @@ def test_the_agent_s_modules_load_without_the_chains_it_never_uses() -> None:
 def test_pydantic_plugins_load_as_usual_unless_the_environment_turns_them_off() -> None:
     deferred, loaded = json.loads(_run_python(_AGENT_IMPORTS, _clean_env()))
     assert deferred == list(DEFERRED_IMPORTS)
-    assert loaded == ["importlib.metadata", "zipfile", "tempfile"]
+    assert "importlib.metadata" in loaded  # pydantic's loader ran and scanned for plugins
+    assert "urllib.request" not in loaded
 
 
 def test_the_stand_in_answers_as_pydantic_s_loader_does_with_plugins_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import importlib
-
     loader = importlib.import_module(PYDANTIC_PLUGIN_LOADER)
     monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "__all__")
     assert tuple(loader.get_plugins()) == _no_pydantic_plugins() == ()
